@@ -1,0 +1,202 @@
+"""Building blocks shared by every schedule node.
+
+A schedule *spec* is a tree of pydantic models (``ScheduleNode`` subclasses, one per
+``"type"``). ``ScheduleNode.compile(ctx)`` turns a node into a ``Curve``: the same
+schedule bound to a fixed list of parameter groups, evaluated vectorised over an array
+of steps. Metric-driven nodes (plateau variants) keep their mutable part in a plain,
+JSON-serialisable ``state`` dict that is passed in, never stored on the curve: the
+service keeps that dict in its database and the transitions stay pure.
+
+Shapes: ``t`` is a 1-D float64 array of steps (local to the node: a child of
+SequentialLR sees its own time starting at 0); every per-group result is a
+``(n_groups, len(t))`` float64 matrix.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
+
+Steps = npt.NDArray[np.float64]
+Matrix = npt.NDArray[np.float64]
+
+# JSON-serialisable state of every metric-driven node of a program, keyed by node path.
+ProgramState = dict[str, dict[str, Any]]
+
+MAX_NESTING = 16
+"""Deepest composition (SequentialLR inside ChainedScheduler inside ...) a spec may have."""
+
+MAX_STEP = 2**53
+"""Largest step a horizon or a query may name: beyond it float64 steps are no longer exact."""
+
+
+class SpecError(ValueError):
+    """A spec that parses but cannot be compiled for these groups.
+
+    ``loc`` names the offending field as a path (``("schedule", "schedulers", 1, "max_lr")``)
+    so the HTTP layer can report it the way pydantic reports field errors.
+    """
+
+    def __init__(self, loc: Sequence[str | int], msg: str) -> None:
+        super().__init__(f"{'.'.join(str(p) for p in loc)}: {msg}")
+        self.loc = tuple(loc)
+        self.msg = msg
+
+
+@dataclass(frozen=True)
+class GroupBase:
+    """The starting hyperparameters of the parameter groups a curve is compiled for."""
+
+    names: tuple[str, ...]
+    lr: npt.NDArray[np.float64]
+    """Initial (base) learning rate per group, shape ``(G,)``."""
+    momentum: npt.NDArray[np.float64]
+    """Initial momentum or ``betas[0]`` per group, ``nan`` where the group has neither."""
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.names)
+
+    def subset(self, index: Sequence[int]) -> GroupBase:
+        idx = list(index)
+        return GroupBase(
+            names=tuple(self.names[i] for i in idx), lr=self.lr[idx], momentum=self.momentum[idx]
+        )
+
+    def with_lr(self, lr: npt.NDArray[np.float64]) -> GroupBase:
+        return replace(self, lr=np.asarray(lr, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    """Where in the tree a node is compiled, and for which groups."""
+
+    base: GroupBase
+    loc: tuple[str | int, ...] = ("schedule",)
+    """Field path of the node in the request body (also its state key)."""
+    step_offset: int = 0
+    """Global step = local ``t`` + ``step_offset`` (SequentialLR shifts its children)."""
+    active_from: int = 0
+    active_until: int | None = None
+    """Metric-driven nodes observe reports for global steps in ``[active_from, active_until)``."""
+    in_epochs: bool = False
+    """Inside an epoch wrapper: time is epochs, not steps (metric nodes are refused there)."""
+    depth: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_groups(self) -> int:
+        return self.base.n_groups
+
+    @property
+    def path(self) -> str:
+        """State key of the node at this location: ``schedule.schedulers.1``."""
+        return ".".join(str(p) for p in self.loc)
+
+    def child(self, *loc: str | int, **changes: Any) -> CompileContext:
+        if self.depth + 1 > MAX_NESTING:
+            raise SpecError(self.loc, f"schedules nest deeper than {MAX_NESTING} levels")
+        return replace(self, loc=(*self.loc, *loc), depth=self.depth + 1, **changes)
+
+    def per_group(self, value: float | Sequence[float], name: str) -> npt.NDArray[np.float64]:
+        """A scalar or per-group list argument as a ``(G, 1)`` column (torch's list rule)."""
+        if isinstance(value, (list, tuple)):
+            if len(value) != self.n_groups:
+                raise SpecError(
+                    (*self.loc, name),
+                    f"has {len(value)} entries but the run has {self.n_groups} parameter "
+                    f"group(s) {list(self.base.names)}; give one value per group or a single number",
+                )
+            arr = np.asarray(value, dtype=np.float64)
+        else:
+            arr = np.full(self.n_groups, float(value), dtype=np.float64)
+        return arr.reshape(-1, 1)
+
+
+class Curve(ABC):
+    """A schedule node compiled for a fixed list of parameter groups."""
+
+    n_groups: int
+
+    @abstractmethod
+    def lr(self, t: Steps, state: ProgramState) -> Matrix:
+        """Learning rate per group at local steps ``t``: shape ``(G, len(t))``."""
+
+    def momentum(self, t: Steps, state: ProgramState) -> Matrix | None:
+        """Momentum (or beta1) per group, or ``None`` where this node leaves momentum alone."""
+        return None
+
+    def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
+        """torch's recursive ("chainable") step at integer steps ``t`` as an affine map.
+
+        ``lr_t = A * lr_{t-1} + B`` with ``(A, B)`` returned as two ``(G, len(t))`` matrices;
+        ``t = 0`` is the step torch's constructor performs (its ``lr_{-1}`` is the value the
+        group had before). ChainedScheduler composes its children's maps and scans them, which
+        reproduces torch exactly where the product of closed forms does not (CosineAnnealingLR
+        with ``eta_min`` or past ``T_max``). The default is an absolute scheduler (LambdaLR,
+        CyclicLR, OneCycleLR, CosineAnnealingWarmRestarts): ``A = 0``, ``B = lr(t)``.
+        """
+        values = self.lr(t, state)
+        return np.zeros_like(values), values
+
+    def children(self) -> Sequence[Curve]:
+        return ()
+
+    def metric_nodes(self) -> Iterator[MetricCurve]:
+        """Every metric-driven node in this subtree, in tree order (the order they observe)."""
+        for child in self.children():
+            yield from child.metric_nodes()
+
+
+class MetricCurve(Curve):
+    """A metric-driven node (ReduceLROnPlateau and the other libraries' variants).
+
+    Its value is a per-group multiplier that changes only through ``observe``; the
+    reductions it has decided live in its state (``"reductions": [{"step", "factor"}]``)
+    so that any window of steps can be evaluated without replaying reports.
+    """
+
+    path: str
+    metric: str
+    active_from: int
+    active_until: int | None
+
+    @abstractmethod
+    def initial_state(self) -> dict[str, Any]:
+        """The node's state before any report (JSON-serialisable)."""
+
+    @abstractmethod
+    def observe(
+        self, node_state: dict[str, Any], value: float, step: int, program_state: ProgramState
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Pure transition for one report of ``metric`` at global ``step``.
+
+        Returns ``(new_node_state, decision)``; ``decision`` is JSON-serialisable and has at
+        least ``"reduced": bool``. A reduction applies from ``step + 1``.
+        """
+
+    def observes(self, step: int) -> bool:
+        return step >= self.active_from and (self.active_until is None or step < self.active_until)
+
+
+class ScheduleNode(BaseModel):
+    """Base of every spec model: strict, immutable, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    type: str
+    library: ClassVar[str] = "torch"
+    """Which library's semantics the node reproduces (for docs)."""
+
+    def compile(self, ctx: CompileContext) -> Curve:
+        raise NotImplementedError(f"{self.type} cannot be compiled yet")
+
+
+def as_steps(values: Sequence[int] | npt.ArrayLike) -> Steps:
+    return np.asarray(values, dtype=np.float64)
