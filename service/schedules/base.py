@@ -15,13 +15,13 @@ SequentialLR sees its own time starting at 0); every per-group result is a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Steps = npt.NDArray[np.float64]
 Matrix = npt.NDArray[np.float64]
@@ -34,6 +34,17 @@ MAX_NESTING = 16
 
 MAX_STEP = 2**53
 """Largest step a horizon or a query may name: beyond it float64 steps are no longer exact."""
+
+MAX_SCAN = 1 << 26
+"""Most steps a recursive evaluation (ChainedScheduler with non-multiplicative children) scans."""
+
+# Argument types shared by the spec models. Strict: JSON numbers only (no "0.5" strings, no
+# booleans, no 3.0 for an int); finiteness comes from ScheduleNode's allow_inf_nan=False.
+Real = Annotated[float, Field(strict=True)]
+NonNegReal = Annotated[float, Field(strict=True, ge=0)]
+UnitReal = Annotated[float, Field(strict=True, ge=0, le=1)]
+NonNegInt = Annotated[int, Field(strict=True, ge=0, le=MAX_STEP)]
+PosInt = Annotated[int, Field(strict=True, ge=1, le=MAX_STEP)]
 
 
 class SpecError(ValueError):
@@ -111,11 +122,12 @@ class CompileContext:
                 raise SpecError(
                     (*self.loc, name),
                     f"has {len(value)} entries but the run has {self.n_groups} parameter "
-                    f"group(s) {list(self.base.names)}; give one value per group or a single number",
+                    f"group(s) {list(self.base.names)}; give one value per group or a single "
+                    "number",
                 )
             arr = np.asarray(value, dtype=np.float64)
         else:
-            arr = np.full(self.n_groups, float(value), dtype=np.float64)
+            arr = np.full(self.n_groups, float(value), dtype=np.float64)  # type: ignore[arg-type]
         return arr.reshape(-1, 1)
 
 
@@ -145,6 +157,39 @@ class Curve(ABC):
         values = self.lr(t, state)
         return np.zeros_like(values), values
 
+    def mult_horizon(self) -> int:
+        """Steps ``[0, H)`` over which this node's chain map is purely multiplicative (B = 0).
+
+        Over that range ``factor`` gives the cumulative product of the chain map's ``A`` (torch's
+        recursion from the group's base), which lets ChainedScheduler multiply closed forms
+        instead of scanning. ``0`` (the default) means "never": absolute nodes, and nodes
+        that add a constant (CosineAnnealingLR with ``eta_min``).
+        """
+        return 0
+
+    def factor(self, t: Steps, state: ProgramState) -> Matrix:
+        """``lr(t) / base`` for ``t < mult_horizon()``, shape ``(G, len(t))`` (see there)."""
+        raise NotImplementedError(f"{type(self).__name__} is not multiplicative")
+
+    def restart_lr(self, t: Steps, state: ProgramState) -> Matrix:
+        """Values when SequentialLR (re)starts this node at a milestone, at local steps ``t``.
+
+        torch restarts a child with ``_update_lr(0)`` (the closed form from the base) and then
+        recurses. That equals ``lr`` except for a few corner cases a node overrides
+        (ConstantLR with ``total_iters=0``).
+        """
+        return self.lr(t, state)
+
+    def restart_map(self, state: ProgramState) -> tuple[Matrix, Matrix] | None:
+        """The affine map torch applies at a SequentialLR milestone, as ``(G, 1)`` matrices.
+
+        ``None`` (the default) means absolute: ``lr = restart_lr(0)``, independent of the lr
+        before the milestone. A node whose restart keeps the previous lr (MultiplicativeLR:
+        ``lr * lambda(0)``) returns its map; SequentialLR then scans that segment from the
+        value the previous segment ended with, using ``chain_map`` for the later steps.
+        """
+        return None
+
     def children(self) -> Sequence[Curve]:
         return ()
 
@@ -166,6 +211,12 @@ class MetricCurve(Curve):
     metric: str
     active_from: int
     active_until: int | None
+    input_lr: Callable[[Steps, ProgramState], Matrix] | None = None
+    """Hook for ChainedScheduler, set on the compiled child at compile time: the chain's lr at
+    the node's local steps ``t`` *just before* this node's map for step ``t`` (torch's
+    recursion with every step before ``t`` and the children before this one at ``t`` applied).
+    A reduction decided by a report at ``s`` reduces that value at ``s + 1``. ``None``
+    (standalone, SequentialLR child): the node multiplies its own base lr."""
 
     @abstractmethod
     def initial_state(self) -> dict[str, Any]:
@@ -200,3 +251,32 @@ class ScheduleNode(BaseModel):
 
 def as_steps(values: Sequence[int] | npt.ArrayLike) -> Steps:
     return np.asarray(values, dtype=np.float64)
+
+
+def compose_maps(
+    first: tuple[Matrix, Matrix], then: tuple[Matrix, Matrix]
+) -> tuple[Matrix, Matrix]:
+    """The affine map ``x -> then(first(x))`` elementwise: ``(A2 A1, A2 B1 + B2)``."""
+    a1, b1 = first
+    a2, b2 = then
+    return a2 * a1, a2 * b1 + b2
+
+
+def scan_affine(a: Matrix, b: Matrix, x0: npt.NDArray[np.float64]) -> Matrix:
+    """Every prefix of the recurrence ``x_t = a_t x_{t-1} + b_t`` from ``x_{-1} = x0``.
+
+    ``a``, ``b``: ``(G, n)``; ``x0``: ``(G,)`` or ``(G, 1)``. Hillis-Steele inclusive scan of
+    affine-map composition: ``ceil(log2 n)`` vectorised passes, no per-step Python loop.
+    """
+    a = np.array(a, dtype=np.float64, copy=True)
+    b = np.array(b, dtype=np.float64, copy=True)
+    n = a.shape[1]
+    d = 1
+    while d < n:
+        # Compose each map with the one d steps earlier (read before write: RHS is evaluated
+        # from the old arrays before assignment).
+        a_prev = a[:, :-d].copy()
+        b[:, d:] = a[:, d:] * b[:, :-d] + b[:, d:]
+        a[:, d:] = a[:, d:] * a_prev
+        d *= 2
+    return a * np.asarray(x0, dtype=np.float64).reshape(-1, 1) + b

@@ -1,0 +1,8 @@
+"""``python -m lrserve``: the lrserve command line."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

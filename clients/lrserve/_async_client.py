@@ -1,0 +1,281 @@
+"""The asynchronous client (same methods as :class:`~lrserve.Client`, awaited)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+
+from . import _calls
+from ._base import ClientConfig
+from ._transport import Call, RetryPolicy
+from ._types import (
+    CreateRunResult,
+    Curve,
+    EventList,
+    LRValues,
+    LRWindow,
+    MetricHistory,
+    Preview,
+    ReportResult,
+    Run,
+    RunList,
+    RunSummary,
+)
+
+__all__ = ["AsyncClient"]
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """An asynchronous lrserve client with one connection pool (asyncio or trio).
+
+    >>> async with lrserve.AsyncClient("http://lrs:8000") as client:   # doctest: +SKIP
+    ...     run, created = await client.create_run("exp-42", spec)
+    ...     (await client.get_lr("exp-42", step=100))["groups"]["head"]["lr"]
+
+    Args:
+        url: server base URL; default ``$LRSERVE_URL``, else ``http://127.0.0.1:8000``.
+        token: bearer token; default ``$LRSERVE_TOKEN``, else none.
+        timeout: seconds, or an :class:`httpx.Timeout`; default connect 5 s, read 30 s.
+        max_retries, backoff_base, backoff_max, retry_after_max: see :class:`RetryPolicy`.
+        retry: a whole :class:`RetryPolicy` instead of the four arguments above.
+        headers: extra headers for every request.
+        transport: an :class:`httpx.AsyncBaseTransport` (e.g. with ``verify``/``cert`` set up).
+
+    Connection failures and 502/503/504 answers are retried with exponential backoff and
+    full jitter (``Retry-After`` honoured, capped); 4xx answers never are. Failures
+    raise :class:`~lrserve.APIError` subclasses carrying the server's problem detail, or
+    :class:`~lrserve.TransportError` when the server cannot be reached.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        max_retries: int = 3,
+        backoff_base: float = 0.5,
+        backoff_max: float = 8.0,
+        retry_after_max: float = 30.0,
+        retry: RetryPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._config = ClientConfig.build(
+            url,
+            token=token,
+            timeout=timeout,
+            retry=retry
+            or RetryPolicy(
+                max_retries=max_retries,
+                backoff_base=backoff_base,
+                backoff_max=backoff_max,
+                retry_after_max=retry_after_max,
+            ),
+            headers=headers,
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self._config.url,
+            headers=self._config.headers,
+            timeout=self._config.timeout,
+            transport=transport,
+        )
+
+    @property
+    def url(self) -> str:
+        """The server's base URL."""
+        return self._config.url
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The retry policy in force."""
+        return self._config.retry
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _send(self, call: Call[T]) -> T:
+        policy = self._config.retry
+        timeout = self._config.timeout_for(call)
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(
+                    call.method, call.path, timeout=timeout, **call.request_kwargs()
+                )
+            except httpx.TransportError as exc:
+                if attempt < policy.max_retries and call.should_retry_exception(exc):
+                    await anyio.sleep(policy.delay(attempt))
+                    attempt += 1
+                    continue
+                raise call.transport_error(self.url, exc, attempt + 1) from exc
+            if attempt < policy.max_retries and call.should_retry_status(response.status_code):
+                await anyio.sleep(policy.delay(attempt, self._config.retry_after(response)))
+                attempt += 1
+                continue
+            return call.finish(response)
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(url={self.url!r})"
+
+    # -- runs ------------------------------------------------------------------------
+
+    async def create_run(self, run_id: str, spec: Mapping[str, Any]) -> CreateRunResult:
+        """Create run ``run_id`` from a run body, or confirm an identical one exists.
+
+        Returns ``(run, created)``; ``created`` is false when the same spec was already
+        stored. A different spec under the same id raises
+        :class:`~lrserve.RunConflictError`.
+        """
+        return await self._send(_calls.create_run(run_id, spec))
+
+    async def get_run(self, run_id: str) -> Run:
+        """The run: spec, ``version``, ``step``, ``completed_step``, ``state``, overrides."""
+        return await self._send(_calls.get_run(run_id))
+
+    async def list_runs(self, limit: int | None = None, cursor: str | None = None) -> RunList:
+        """One page of runs: ``{"runs": [...], "next_cursor": str | None}``."""
+        return await self._send(_calls.list_runs(limit, cursor))
+
+    async def iter_runs(self, page_size: int | None = None) -> AsyncIterator[RunSummary]:
+        """Every run, following ``next_cursor`` page by page (``async for``)."""
+        cursor: str | None = None
+        while True:
+            page = await self.list_runs(page_size, cursor)
+            for run in page["runs"]:
+                yield run
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    async def delete_run(self, run_id: str, *, missing_ok: bool = False) -> None:
+        """Delete a run. With ``missing_ok`` an already-absent run is not an error.
+
+        Use ``missing_ok=True`` where a retried delete may find its own earlier attempt
+        already done.
+        """
+        await self._send(_calls.delete_run(run_id, missing_ok))
+
+    # -- values ----------------------------------------------------------------------
+
+    async def get_lr(self, run_id: str, step: int | None = None) -> LRValues:
+        """Every group's values at ``step`` (default: the run's current step)."""
+        return await self._send(_calls.get_lr(run_id, step))
+
+    async def get_lr_window(
+        self, run_id: str, start: int, count: int, etag: str | None = None
+    ) -> LRWindow:
+        """Values for steps ``start .. start+count-1``, columnar.
+
+        Pass the ``etag`` of the window you hold: while the run's version is unchanged
+        the server answers 304 and the result has ``not_modified=True`` and no values.
+        """
+        return await self._send(_calls.get_lr_window(run_id, start, count, etag))
+
+    async def get_curve(
+        self,
+        run_id: str,
+        start: int | None = None,
+        stop: int | None = None,
+        points: int | None = None,
+    ) -> Curve:
+        """Values over ``[start, stop)`` decimated to about ``points`` samples."""
+        return await self._send(_calls.get_curve(run_id, start, stop, points))
+
+    async def preview(
+        self,
+        spec: Mapping[str, Any],
+        start: int = 0,
+        count: int | None = None,
+        *,
+        stop: int | None = None,
+        points: int | None = None,
+    ) -> Preview:
+        """Values of a schedule spec without creating a run.
+
+        ``spec`` is the run body's schedule part (``groups``, ``schedule``,
+        ``group_schedules``, ``param_schedules``) or a whole run body. Give ``count``
+        for ``count`` consecutive steps, or ``stop`` and ``points`` for a decimated curve.
+        """
+        return await self._send(_calls.preview(spec, start, count, stop=stop, points=points))
+
+    # -- metrics and control ---------------------------------------------------------
+
+    async def report(
+        self,
+        run_id: str,
+        step: int,
+        values: Mapping[str, Any],
+        rank: int = 0,
+        wait: float | None = None,
+    ) -> ReportResult:
+        """Report metrics for ``step`` from ``rank``.
+
+        Safe to retry: ``(run, step, rank)`` is the idempotency key. NaN and infinities
+        are sent in the contract's string form. With ``wait`` the server holds the answer
+        up to that many seconds until every rank reported (``complete``); the read
+        timeout of this request is raised to cover it. The result's ``groups`` are the
+        values from ``applies_from`` (step + 1) on.
+        """
+        return await self._send(_calls.report(run_id, step, values, rank, wait))
+
+    async def get_metrics(self, run_id: str, name: str) -> MetricHistory:
+        """Stored history of one metric: ``points`` per report, ``aggregate`` per step."""
+        return await self._send(_calls.get_metrics(run_id, name))
+
+    async def get_events(self, run_id: str, after: int | None = None) -> EventList:
+        """The run's events (created, report_completed, reduced, override), oldest first."""
+        return await self._send(_calls.get_events(run_id, after))
+
+    async def override(
+        self,
+        run_id: str,
+        from_step: int,
+        action: str,
+        value: float,
+        groups: Sequence[str] | None = None,
+        field: str = "lr",
+        note: str | None = None,
+    ) -> Run:
+        """Scale (``action="scale"``) or replace (``"set"``) ``field`` from ``from_step`` on.
+
+        Not idempotent: sending it twice applies it twice. It is therefore retried only
+        when the request cannot have reached the server (connection refused, connect
+        timeout) or the server answered 503; after a read timeout or a dropped
+        connection it raises :class:`~lrserve.TransportError`, and the caller should
+        check ``get_run(run_id)["overrides"]`` before sending it again.
+        """
+        return await self._send(
+            _calls.override(run_id, from_step, action, value, groups, field, note)
+        )
+
+    # -- probes ----------------------------------------------------------------------
+
+    async def healthz(self) -> dict[str, Any]:
+        """``GET /healthz``: returns when the server process is up."""
+        return await self._send(_calls.healthz())
+
+    async def readyz(self) -> dict[str, Any]:
+        """``GET /readyz``: returns when the database answers; raises
+        :class:`~lrserve.ServiceUnavailableError` at once (no retry) when it does not."""
+        return await self._send(_calls.readyz())

@@ -1,0 +1,310 @@
+"""Every endpoint of the wire contract as a :class:`~lrserve._transport.Call` builder.
+
+Argument checking happens here, once, for both clients.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import httpx
+
+from ._config import check_run_id
+from ._errors import UsageError
+from ._transport import Call, error_from_response, json_body
+from ._types import (
+    CreateRunResult,
+    Curve,
+    EventList,
+    LRValues,
+    LRWindow,
+    MetricHistory,
+    Preview,
+    ReportResult,
+    Run,
+    RunList,
+)
+
+# Keys of a run body that are not part of a schedule preview (see preview()).
+_RUN_ONLY_KEYS = ("world_size", "aggregate", "metadata")
+# Long-poll answers may legitimately take `wait` seconds; leave room for the rest.
+_WAIT_SLACK = 10.0
+
+
+def _run_path(run_id: str, suffix: str = "") -> str:
+    return f"/v1/runs/{check_run_id(run_id)}{suffix}"
+
+
+def _nonneg_int(name: str, value: int | None, *, allow_none: bool = True) -> int | None:
+    if value is None:
+        if allow_none:
+            return None
+        raise UsageError(f"{name} is required")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise UsageError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _dict(response: httpx.Response) -> Any:
+    return json_body(response)
+
+
+def encode_metric(name: str, value: Any) -> float | str | None:
+    """A metric value in its wire form: JSON has no NaN/inf, the contract uses strings."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value in ("NaN", "Infinity", "-Infinity"):
+            return value
+        raise UsageError(f"metric {name!r}: expected a number, got the string {value!r}")
+    if isinstance(value, bool):
+        raise UsageError(f"metric {name!r}: expected a number, got {value!r}")
+    try:
+        # float() also covers numpy scalars and 0-d torch tensors (loss.detach()).
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"metric {name!r}: expected a number, got {type(value).__name__}"
+        ) from None
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "Infinity" if number > 0 else "-Infinity"
+    return number
+
+
+def create_run(run_id: str, spec: Mapping[str, Any]) -> Call[CreateRunResult]:
+    """``PUT /v1/runs/{id}``; idempotent for an identical spec."""
+    if not isinstance(spec, Mapping):
+        raise UsageError(f"spec must be a mapping (the run body), got {type(spec).__name__}")
+    return Call(
+        "PUT",
+        _run_path(run_id),
+        parse=lambda r: CreateRunResult(cast(Run, json_body(r)), r.status_code == 201),
+        json=dict(spec),
+    )
+
+
+def get_run(run_id: str) -> Call[Run]:
+    """``GET /v1/runs/{id}``."""
+    return Call("GET", _run_path(run_id), parse=_dict)
+
+
+def list_runs(limit: int | None = None, cursor: str | None = None) -> Call[RunList]:
+    """``GET /v1/runs?limit=&cursor=``."""
+    if limit is not None and (_nonneg_int("limit", limit) or 0) < 1:
+        raise UsageError("limit must be at least 1")
+    return Call("GET", "/v1/runs", parse=_dict, params={"limit": limit, "cursor": cursor})
+
+
+def delete_run(run_id: str, missing_ok: bool = False) -> Call[None]:
+    """``DELETE /v1/runs/{id}``."""
+
+    def parse(response: httpx.Response) -> None:
+        if response.status_code == 404:
+            error = error_from_response(response)
+            # Only a missing *run* is fine; a 404 for the path means a wrong base URL.
+            if error.slug != "run-not-found":
+                raise error
+        return None
+
+    return Call(
+        "DELETE",
+        _run_path(run_id),
+        parse=parse,
+        accept=frozenset({404}) if missing_ok else frozenset(),
+    )
+
+
+def get_lr(run_id: str, step: int | None = None) -> Call[LRValues]:
+    """``GET /v1/runs/{id}/lr?step=N``."""
+    return Call(
+        "GET", _run_path(run_id, "/lr"), parse=_dict, params={"step": _nonneg_int("step", step)}
+    )
+
+
+def _etag_version(etag: str) -> int | None:
+    tag = etag.strip()
+    if tag.startswith("W/"):
+        tag = tag[2:]
+    try:
+        return int(tag.strip('"'))
+    except ValueError:
+        return None
+
+
+def get_lr_window(run_id: str, start: int, count: int, etag: str | None = None) -> Call[LRWindow]:
+    """``GET /v1/runs/{id}/lr?start=&count=`` with ``If-None-Match``."""
+    start_ = _nonneg_int("start", start, allow_none=False)
+    count_ = _nonneg_int("count", count, allow_none=False)
+    if not count_:
+        raise UsageError("count must be at least 1")
+    headers = None
+    if etag:
+        quoted = etag if etag.startswith(('"', "W/")) else f'"{etag}"'
+        headers = {"If-None-Match": quoted}
+
+    def parse(response: httpx.Response) -> LRWindow:
+        if response.status_code == 304:
+            tag = response.headers.get("ETag") or headers["If-None-Match"]  # type: ignore[index]
+            version = _etag_version(tag)
+            return LRWindow(
+                run=run_id,
+                start=cast(int, start_),
+                count=count_,
+                version=version if version is not None else -1,
+                etag=tag,
+                not_modified=True,
+                values=None,
+            )
+        body = json_body(response)
+        version = int(body["version"])
+        return LRWindow(
+            run=body.get("run", run_id),
+            start=int(body.get("start", start_)),
+            count=int(body.get("count", count_)),
+            version=version,
+            etag=response.headers.get("ETag") or f'"{version}"',
+            not_modified=False,
+            values=body["groups"],
+        )
+
+    return Call(
+        "GET",
+        _run_path(run_id, "/lr"),
+        parse=parse,
+        params={"start": start_, "count": count_},
+        headers=headers,
+        accept=frozenset({304}),
+    )
+
+
+def report(
+    run_id: str,
+    step: int,
+    values: Mapping[str, Any],
+    rank: int = 0,
+    wait: float | None = None,
+) -> Call[ReportResult]:
+    """``POST /v1/runs/{id}/metrics?wait=``; idempotent by (step, rank)."""
+    if not isinstance(values, Mapping):
+        raise UsageError(f"values must be a mapping of metric name to number, got {values!r}")
+    body = {
+        "step": _nonneg_int("step", step, allow_none=False),
+        "rank": _nonneg_int("rank", rank, allow_none=False),
+        "values": {str(k): encode_metric(str(k), v) for k, v in values.items()},
+    }
+    if wait is not None and (not isinstance(wait, (int, float)) or not 0 <= wait <= 300):
+        raise UsageError(f"wait must be between 0 and 300 seconds, got {wait!r}")
+    return Call(
+        "POST",
+        _run_path(run_id, "/metrics"),
+        parse=_dict,
+        params={"wait": wait},
+        json=body,
+        min_read_timeout=None if wait is None else float(wait) + _WAIT_SLACK,
+    )
+
+
+def get_metrics(run_id: str, name: str) -> Call[MetricHistory]:
+    """``GET /v1/runs/{id}/metrics?name=``."""
+    if not name:
+        raise UsageError("a metric name is required")
+    return Call("GET", _run_path(run_id, "/metrics"), parse=_dict, params={"name": name})
+
+
+def get_events(run_id: str, after: int | None = None) -> Call[EventList]:
+    """``GET /v1/runs/{id}/events?after=SEQ``."""
+    return Call(
+        "GET",
+        _run_path(run_id, "/events"),
+        parse=_dict,
+        params={"after": _nonneg_int("after", after)},
+    )
+
+
+def get_curve(
+    run_id: str, start: int | None = None, stop: int | None = None, points: int | None = None
+) -> Call[Curve]:
+    """``GET /v1/runs/{id}/curve?start=&stop=&points=``."""
+    return Call(
+        "GET",
+        _run_path(run_id, "/curve"),
+        parse=_dict,
+        params={
+            "start": _nonneg_int("start", start),
+            "stop": _nonneg_int("stop", stop),
+            "points": _nonneg_int("points", points),
+        },
+    )
+
+
+def preview(
+    spec: Mapping[str, Any],
+    start: int = 0,
+    count: int | None = None,
+    *,
+    stop: int | None = None,
+    points: int | None = None,
+) -> Call[Preview]:
+    """``POST /v1/schedules/preview``; a whole run body is accepted too."""
+    if not isinstance(spec, Mapping):
+        raise UsageError(f"spec must be a mapping, got {type(spec).__name__}")
+    # A run body is the natural thing to have at hand; its run-only keys are dropped,
+    # anything else (typos included) goes to the server to be validated.
+    body = {k: v for k, v in spec.items() if k not in _RUN_ONLY_KEYS}
+    body["start"] = _nonneg_int("start", start, allow_none=False)
+    for key, value in (("count", count), ("stop", stop), ("points", points)):
+        if value is not None:
+            body[key] = _nonneg_int(key, value)
+    return Call("POST", "/v1/schedules/preview", parse=_dict, json=body)
+
+
+def override(
+    run_id: str,
+    from_step: int,
+    action: str,
+    value: float,
+    groups: Sequence[str] | None = None,
+    field: str = "lr",
+    note: str | None = None,
+) -> Call[Run]:
+    """``POST /v1/runs/{id}/overrides``: NOT idempotent (see Call.idempotent)."""
+    if action not in ("scale", "set"):
+        raise UsageError(f"action must be 'scale' or 'set', got {action!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise UsageError(f"value must be a finite number, got {value!r}")
+    if isinstance(groups, str):
+        raise UsageError("groups must be a list of group names, not a string")
+    body: dict[str, Any] = {
+        "from_step": _nonneg_int("from_step", from_step, allow_none=False),
+        "action": action,
+        "value": float(value),
+        "field": field,
+    }
+    if groups is not None:
+        body["groups"] = list(groups)
+    if note is not None:
+        body["note"] = note
+    return Call("POST", _run_path(run_id, "/overrides"), parse=_dict, json=body, idempotent=False)
+
+
+def _probe(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {"status": response.text.strip() or "ok"}
+    return body if isinstance(body, dict) else {"status": body}
+
+
+def healthz() -> Call[dict[str, Any]]:
+    """``GET /healthz``."""
+    return Call("GET", "/healthz", parse=_probe)
+
+
+def readyz() -> Call[dict[str, Any]]:
+    """``GET /readyz``; a 503 is reported at once, not retried."""
+    return Call("GET", "/readyz", parse=_probe, retry_status=False)

@@ -1,0 +1,618 @@
+"""The ``lrserve`` command: run the server, inspect and steer runs, preview schedules.
+
+Exit codes: 0 success; 1 the server answered with an error (its problem detail is
+printed); 2 usage or configuration error (bad arguments, unreadable spec file, missing
+optional dependency); 3 the server cannot be reached.
+
+Global options (``--url``, ``--token``, ``--json``, ``--timeout``, ``--retries``) may be
+given before or after the subcommand; ``--url``/``--token`` default to ``LRSERVE_URL`` and
+``LRSERVE_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._client import Client
+from ._errors import APIError, TransportError, UsageError
+from ._version import __version__
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_API = 1
+EXIT_USAGE = 2
+EXIT_CONNECT = 3
+
+_SERVER_MODULES = frozenset(
+    {"service", "fastapi", "uvicorn", "starlette", "pydantic", "numpy", "prometheus_client"}
+)
+
+
+class _Fail(Exception):
+    """A usage problem found by a command (exit code 2)."""
+
+
+# -- formatting -----------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return str(value)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out: TextIO) -> None:
+    """Print an aligned table; numbers right-aligned, text left-aligned."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    numeric = [
+        all(_is_number(row[i]) for row in cells if row[i] != "-") and bool(cells)
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(widths[i]) if numeric[i] else v.ljust(widths[i]) for i, v in enumerate(values)
+        ]
+        return "  ".join(parts).rstrip()
+
+    out.write(line(list(headers)) + "\n")
+    for row in cells:
+        out.write(line(row) + "\n")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _pairs(pairs: Iterable[tuple[str, Any]], out: TextIO) -> None:
+    items = list(pairs)
+    width = max((len(k) for k, _ in items), default=0)
+    for key, value in items:
+        out.write(f"{key.ljust(width)}  {_fmt(value)}\n")
+
+
+def _columns(groups: Mapping[str, Mapping[str, Sequence[float]]]) -> list[tuple[str, str]]:
+    """(group, field) pairs in server order; field names prefixed with the group."""
+    return [(g, f) for g, fields in groups.items() for f in fields]
+
+
+def _pick_rows(n: int, rows: int) -> list[int]:
+    """``rows`` indices spread evenly over ``range(n)``, first and last included."""
+    if n <= rows:
+        return list(range(n))
+    if rows <= 1:
+        return [0]
+    return sorted({round(i * (n - 1) / (rows - 1)) for i in range(rows)})
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def _cmd_runs(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    if args.all:
+        runs = list(client.iter_runs(page_size=args.limit))
+        result: Any = {"runs": runs, "next_cursor": None}
+    else:
+        result = client.list_runs(limit=args.limit, cursor=args.cursor)
+        runs = result.get("runs", [])
+    if args.json:
+        return result
+    _table(
+        ["id", "version", "step", "created_at"],
+        [[r.get("id"), r.get("version"), r.get("step"), r.get("created_at")] for r in runs],
+        out,
+    )
+    if result.get("next_cursor"):
+        out.write(f"(more: --cursor {result['next_cursor']} or --all)\n")
+    return None
+
+
+def _cmd_show(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    run = client.get_run(args.run)
+    if args.json:
+        return run
+    spec = run.get("spec", {})
+    _pairs(
+        [
+            ("run", run.get("id")),
+            ("version", run.get("version")),
+            ("created_at", run.get("created_at")),
+            ("updated_at", run.get("updated_at")),
+            ("step", run.get("step")),
+            ("completed_step", run.get("completed_step")),
+            ("world_size", spec.get("world_size")),
+            ("aggregate", spec.get("aggregate")),
+        ],
+        out,
+    )
+    groups = spec.get("groups") or []
+    if groups:
+        # Normalised specs spell out every optional field as null; show only the used ones.
+        keys = sorted({k for g in groups for k, v in g.items() if v is not None} - {"name"})
+        out.write("\ngroups\n")
+        _table(["name", *keys], [[g.get("name"), *(g.get(k) for k in keys)] for g in groups], out)
+    out.write(f"\nschedule  {_fmt(spec.get('schedule'))}\n")
+    for name, node in (spec.get("group_schedules") or {}).items():
+        out.write(f"  {name}: {_fmt(node)}\n")
+    if spec.get("metadata"):
+        out.write(f"metadata  {_fmt(spec['metadata'])}\n")
+    if run.get("state"):
+        out.write(f"state     {_fmt(run['state'])}\n")
+    overrides = run.get("overrides") or []
+    if overrides:
+        out.write("\noverrides\n")
+        keys = ["from_step", "action", "value", "field", "groups", "note"]
+        _table(keys, [[o.get(k) for k in keys] for o in overrides], out)
+    return None
+
+
+def _cmd_lr(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    if args.count is not None:
+        window = client.get_lr_window(args.run, args.start or 0, args.count)
+        groups = window.values or {}
+        if args.json:
+            return {
+                "run": window.run,
+                "start": window.start,
+                "count": window.count,
+                "version": window.version,
+                "groups": groups,
+            }
+        _window_table(window.start, None, groups, window.count, args.rows, out)
+        return None
+    if args.start is not None:
+        raise _Fail("--start needs --count")
+    values = client.get_lr(args.run, step=args.step)
+    if args.json:
+        return values
+    fields = sorted({f for g in values["groups"].values() for f in g}, key=_field_order)
+    out.write(f"run {values['run']}  step {values['step']}  version {values['version']}\n")
+    _table(
+        ["group", *fields],
+        [[name, *(g.get(f) for f in fields)] for name, g in values["groups"].items()],
+        out,
+    )
+    return None
+
+
+def _field_order(name: str) -> tuple[int, str]:
+    return (0 if name == "lr" else 1, name)
+
+
+def _window_table(
+    start: int,
+    steps: Sequence[int] | None,
+    groups: Mapping[str, Mapping[str, Sequence[float]]],
+    count: int,
+    rows: int,
+    out: TextIO,
+) -> None:
+    cols = _columns(groups)
+    n = len(steps) if steps is not None else count
+    if cols:
+        n = min(n, *(len(groups[g][f]) for g, f in cols))
+    picked = _pick_rows(n, rows)
+    headers = ["step", *(f"{g}.{f}" for g, f in cols)]
+    body = [
+        [steps[i] if steps is not None else start + i, *(groups[g][f][i] for g, f in cols)]
+        for i in picked
+    ]
+    _table(headers, body, out)
+    if len(picked) < n:
+        out.write(f"({len(picked)} of {n} steps shown; --rows to change)\n")
+
+
+def _cmd_events(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    result = client.get_events(args.run, after=args.after)
+    if args.json:
+        return result
+    _table(
+        ["seq", "type", "step", "at", "data"],
+        [
+            [e.get("seq"), e.get("type"), e.get("step"), e.get("at"), e.get("data")]
+            for e in result["events"]
+        ],
+        out,
+    )
+    return None
+
+
+def _cmd_metrics(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    result = client.get_metrics(args.run, args.name)
+    if args.json:
+        return result
+    _table(
+        ["step", "rank", "value"],
+        [[p.get("step"), p.get("rank"), p.get("value")] for p in result.get("points", [])],
+        out,
+    )
+    return None
+
+
+def _read_json(path: str) -> Any:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _Fail(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _Fail(f"{path} is not valid JSON: {exc}") from None
+
+
+def _cmd_preview(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    spec = _read_json(args.spec)
+    if not isinstance(spec, dict):
+        raise _Fail(f"{args.spec}: expected a JSON object (a run body or its schedule part)")
+    plot = _load_pyplot() if args.png else None
+    result = client.preview(spec, start=args.start, count=args.steps)
+    groups = result.get("groups", {})
+    steps = result.get("steps")
+    if plot is not None:
+        _plot(plot, args.png, args.start, steps, groups, title=Path(args.spec).name)
+    if args.json:
+        return result
+    _window_table(args.start, steps, groups, result.get("count", args.steps), args.rows, out)
+    if args.png:
+        out.write(f"wrote {args.png}\n")
+    return None
+
+
+def _load_pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise _Fail("--png needs matplotlib: pip install 'lrserve[plot]'") from None
+    # Agg: no display needed, and it never tries to open a window from a terminal tool.
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot(
+    plt: Any,
+    path: str,
+    start: int,
+    steps: Sequence[int] | None,
+    groups: Mapping[str, Mapping[str, Sequence[float]]],
+    title: str,
+) -> None:
+    fields = sorted({f for g in groups.values() for f in g}, key=_field_order) or ["lr"]
+    fig, axes = plt.subplots(
+        len(fields), 1, sharex=True, figsize=(8, 2.6 * len(fields) + 0.6), squeeze=False
+    )
+    for ax, field in zip(axes[:, 0], fields, strict=True):
+        for name, values in groups.items():
+            if field in values:
+                ys = values[field]
+                xs = steps if steps is not None else range(start, start + len(ys))
+                ax.plot(list(xs), ys, label=name, linewidth=1.2)
+        ax.set_ylabel(field)
+        ax.grid(True, alpha=0.3)
+        if len(groups) > 1:
+            ax.legend(loc="best", fontsize="small")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title(title)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png", dpi=100)
+    except OSError as exc:
+        raise _Fail(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+
+
+def _parse_metric(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise _Fail(f"expected name=value, got {text!r}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise _Fail(f"{name}: {value!r} is not a number") from None
+
+
+def _cmd_report(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    if not args.values:
+        raise _Fail("give at least one metric as name=value")
+    values = dict(_parse_metric(v) for v in args.values)
+    result = client.report(args.run, args.step, values, rank=args.rank, wait=args.wait)
+    if args.json:
+        return result
+    decision = result.get("decision")
+    _pairs(
+        [
+            ("run", result.get("run")),
+            ("step", result.get("step")),
+            ("rank", result.get("rank")),
+            ("complete", result.get("complete")),
+            ("reported_ranks", result.get("reported_ranks")),
+            ("version", result.get("version")),
+            ("reduced", None if decision is None else decision.get("reduced")),
+        ],
+        out,
+    )
+    groups = result.get("groups") or {}
+    if groups:
+        fields = sorted({f for g in groups.values() for f in g}, key=_field_order)
+        out.write(f"\nvalues from step {result.get('applies_from')}\n")
+        _table(
+            ["group", *fields],
+            [[name, *(g.get(f) for f in fields)] for name, g in groups.items()],
+            out,
+        )
+    return None
+
+
+def _cmd_create(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    spec = _read_json(args.spec)
+    if not isinstance(spec, dict):
+        raise _Fail(f"{args.spec}: expected a JSON object (the run body)")
+    run, created = client.create_run(args.run, spec)
+    if args.json:
+        return {"created": created, "run": run}
+    out.write(
+        f"{'created' if created else 'exists (same spec)'}: {run.get('id')} "
+        f"version {run.get('version')}\n"
+    )
+    return None
+
+
+def _cmd_delete(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    client.delete_run(args.run, missing_ok=args.missing_ok)
+    if args.json:
+        return {"deleted": args.run}
+    out.write(f"deleted {args.run}\n")
+    return None
+
+
+def _cmd_override(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    action, value = ("scale", args.scale) if args.scale is not None else ("set", args.set)
+    run = client.override(
+        args.run, args.from_step, action, value, args.group, field=args.field, note=args.note
+    )
+    if args.json:
+        return run
+    out.write(
+        f"{action} {args.field} to {_fmt(value)} from step {args.from_step}: "
+        f"{run.get('id')} version {run.get('version')}\n"
+    )
+    return None
+
+
+# -- parser ---------------------------------------------------------------------------
+
+
+def _nonneg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _nonneg(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    def default(value: Any) -> Any:
+        # In subcommands SUPPRESS keeps an option given before the subcommand.
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--url",
+        default=default(None),
+        help="server URL (default: $LRSERVE_URL or %(prog)s's default http://127.0.0.1:8000)",
+    )
+    parser.add_argument("--token", default=default(None), help="bearer token ($LRSERVE_TOKEN)")
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print the JSON answer"
+    )
+    parser.add_argument(
+        "--timeout", type=_seconds, default=default(None), help="request timeout in seconds"
+    )
+    parser.add_argument(
+        "--retries",
+        type=_nonneg,
+        default=default(None),
+        help="retries on connection errors and 502/503/504 (default 3)",
+    )
+
+
+Command = Callable[[Client, argparse.Namespace, TextIO], Any]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lrserve`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="lrserve",
+        description="lrserve: learning-rate schedules as a service.",
+        epilog="exit codes: 0 ok, 1 the server answered with an error, 2 usage or "
+        "configuration error, 3 the server cannot be reached",
+    )
+    parser.add_argument("--version", action="version", version=f"lrserve {__version__}")
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+
+    def command(name: str, func: Command, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    sub.add_parser(
+        "serve",
+        help="run the server (needs lrserve[server]); see `lrserve serve --help`",
+        add_help=False,
+    )
+
+    p = command("runs", _cmd_runs, "list runs")
+    p.add_argument("--limit", type=_positive, help="runs per page")
+    p.add_argument("--cursor", help="continue from this cursor")
+    p.add_argument("--all", action="store_true", help="follow cursors to the last page")
+
+    p = command("show", _cmd_show, "show a run: spec, version, steps, state, overrides")
+    p.add_argument("run")
+
+    p = command("lr", _cmd_lr, "learning rates (and momentum, ...) at a step or over a window")
+    p.add_argument("run")
+    p.add_argument("--step", type=_nonneg, help="step (default: the run's current step)")
+    p.add_argument("--start", type=_nonneg, help="window start (with --count)")
+    p.add_argument("--count", type=_positive, help="window length: print a table of steps")
+    p.add_argument("--rows", type=_positive, default=20, help="rows shown (default 20)")
+
+    p = command("events", _cmd_events, "a run's events")
+    p.add_argument("run")
+    p.add_argument("--after", type=_nonneg, help="only events after this sequence number")
+
+    p = command("metrics", _cmd_metrics, "a run's reported values of one metric")
+    p.add_argument("run")
+    p.add_argument("name")
+
+    p = command("preview", _cmd_preview, "values of a schedule spec without creating a run")
+    p.add_argument("spec", metavar="SPEC.json", help="run body or its schedule part ('-': stdin)")
+    p.add_argument("--steps", type=_positive, default=100, help="number of steps (default 100)")
+    p.add_argument("--start", type=_nonneg, default=0, help="first step (default 0)")
+    p.add_argument("--rows", type=_positive, default=20, help="rows shown (default 20)")
+    p.add_argument("--png", metavar="FILE", help="also plot every group's values to FILE (PNG)")
+
+    p = command("report", _cmd_report, "report metrics for a step (as a trainer does)")
+    p.add_argument("run")
+    p.add_argument("values", nargs="*", metavar="name=value")
+    p.add_argument("--step", type=_nonneg, required=True)
+    p.add_argument("--rank", type=_nonneg, default=0)
+    p.add_argument("--wait", type=_seconds, help="wait up to this long for every rank")
+
+    p = command("create", _cmd_create, "create a run from a run body (idempotent)")
+    p.add_argument("run")
+    p.add_argument("spec", metavar="SPEC.json", help="the run body ('-': stdin)")
+
+    p = command("delete", _cmd_delete, "delete a run")
+    p.add_argument("run")
+    p.add_argument("--missing-ok", action="store_true", help="no error if it does not exist")
+
+    p = command("override", _cmd_override, "scale or set a value from a step on")
+    p.add_argument("run")
+    p.add_argument("--from-step", type=_nonneg, required=True)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--scale", type=float, help="multiply the scheduled value by this")
+    how.add_argument("--set", type=float, help="replace the scheduled value by this")
+    p.add_argument("--group", action="append", help="group name (repeat; default all)")
+    p.add_argument("--field", default="lr", help="field (default lr)")
+    p.add_argument("--note", help="why (recorded in the event)")
+    return parser
+
+
+def _serve(argv: list[str], err: TextIO) -> int:
+    try:
+        from service.cli import serve_main
+
+        return serve_main(argv)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _SERVER_MODULES:
+            raise
+        err.write(
+            f"lrserve serve: the server is not installed ({exc.name} is missing); "
+            "install lrserve[server]: pip install 'lrserve[server]'\n"
+        )
+        return EXIT_USAGE
+
+
+def _problem_json(err: APIError) -> dict[str, Any]:
+    problem: dict[str, Any] = {
+        "type": err.type,
+        "title": err.title,
+        "status": err.status,
+        "detail": err.detail,
+    }
+    if err.errors:
+        problem["errors"] = err.errors
+    return {"error": problem}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lrserve`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    out, err = sys.stdout, sys.stderr
+    if args_list[:1] == ["serve"]:
+        return _serve(args_list[1:], err)
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(args_list)
+        # argparse hands out positionals greedily: in `report RUN --step 3 loss=1` the
+        # metrics come after an option and arrive here; they belong to `values`.
+        if args.command == "report" and extra and not any(e.startswith("-") for e in extra):
+            args.values = [*args.values, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "serve":  # global options before `serve` make no sense
+        err.write("lrserve: give the server's options after `serve`: lrserve serve --help\n")
+        return EXIT_USAGE
+    if not getattr(args, "func", None):
+        parser.print_help(err)
+        return EXIT_USAGE
+    try:
+        options: dict[str, Any] = {"token": args.token, "timeout": args.timeout}
+        if args.retries is not None:
+            options["max_retries"] = args.retries
+        with Client(args.url, **options) as client:
+            result = args.func(client, args, out)
+    except (_Fail, UsageError) as exc:
+        err.write(f"lrserve {args.command}: {exc}\n")
+        return EXIT_USAGE
+    except APIError as exc:
+        if args.json:
+            out.write(json.dumps(_problem_json(exc), indent=2) + "\n")
+        err.write(f"lrserve {args.command}: error: {exc}\n")
+        return EXIT_API
+    except TransportError as exc:
+        err.write(f"lrserve {args.command}: {exc}\n")
+        return EXIT_CONNECT
+    if args.json and result is not None:
+        out.write(json.dumps(result, indent=2) + "\n")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,752 @@
+"""PyTorch integration: :class:`RemoteScheduler`, a drop-in for a torch LR scheduler.
+
+>>> sched = lrserve.torch.RemoteScheduler(opt, run="exp-42", spec=spec)  # doctest: +SKIP
+>>> for batch in loader:                                                 # doctest: +SKIP
+...     loss.backward(); opt.step(); sched.step()       # never waits on the network
+...     if step % eval_every == 0:
+...         sched.report({"val_loss": evaluate()})      # the one place it talks
+
+How it works: the values of the steps ahead are prefetched as a *window* (the server's
+columnar ``GET /v1/runs/{id}/lr?start=&count=``); ``step()`` only indexes into it and
+writes the values into the optimizer's param groups. A background thread refreshes the
+window before it runs out and revalidates it with the run's ETag, so a change of the run
+(a plateau reduction, an operator override) arrives without the training loop asking.
+See docs/sdk-torch.md for data-parallel training, tensor learning rates, resume and the
+behaviour while the service is down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+import torch
+import torch.distributed as dist
+
+from ._client import Client
+from ._errors import (
+    ConflictError,
+    LRServeError,
+    ServerError,
+    TransportError,
+    UsageError,
+)
+from ._types import ReportResult
+from ._window import BoundWindow, Window, bind, read_values
+
+__all__ = [
+    "LRServeOfflineWarning",
+    "RemoteScheduler",
+    "WindowExhaustedError",
+    "groups_from_optimizer",
+]
+
+log = logging.getLogger("lrserve.torch")
+
+Aggregate = Literal["mean", "min", "max", "rank0"]
+
+# Errors that mean "the service is not answering right now" (as opposed to "the request
+# is wrong"): the scheduler keeps training on what it has and tries again later.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (TransportError, ServerError, httpx.HTTPError)
+
+
+class LRServeOfflineWarning(UserWarning):
+    """The service cannot be reached: training continues on the values already fetched."""
+
+
+class WindowExhaustedError(LRServeError):
+    """``strict=True``: a step needs values the scheduler does not have and cannot fetch."""
+
+
+def _dist_info(process_group: Any) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(process_group), dist.get_world_size(process_group)
+    return 0, 1
+
+
+def groups_from_optimizer(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The ``groups`` of a run spec, taken from an optimizer's param groups.
+
+    A group's name is its ``"name"`` key when it has one, else ``group<i>``; its base
+    ``lr`` is ``initial_lr`` when a torch scheduler already set one, else ``lr``.
+    ``betas`` (Adam family) or ``momentum`` (SGD, RMSprop) and ``weight_decay`` are
+    passed along so that the schedule can cycle or schedule them.
+    """
+    out: list[dict[str, Any]] = []
+    for i, pg in enumerate(optimizer.param_groups):
+        group: dict[str, Any] = {
+            "name": str(pg.get("name", f"group{i}")),
+            "lr": float(pg.get("initial_lr", pg["lr"])),
+        }
+        if "betas" in pg:
+            group["betas"] = [float(b) for b in pg["betas"]]
+        elif "momentum" in pg:
+            group["momentum"] = float(pg["momentum"])
+        if "weight_decay" in pg:
+            group["weight_decay"] = float(pg["weight_decay"])
+        out.append(group)
+    return out
+
+
+def _aggregate(values: Sequence[Mapping[str, float]], how: str) -> dict[str, float]:
+    """Combine per-rank metrics the way the service combines them (chief mode)."""
+    if how == "rank0":
+        return dict(values[0])
+    out: dict[str, float] = {}
+    for name in values[0]:
+        xs = [float(v[name]) for v in values if name in v]
+        finite = [x for x in xs if math.isfinite(x)]
+        if not finite:
+            out[name] = xs[0]
+        elif how == "min":
+            out[name] = min(finite)
+        elif how == "max":
+            out[name] = max(finite)
+        else:
+            out[name] = math.fsum(finite) / len(finite)
+    return out
+
+
+class RemoteScheduler:
+    """A learning-rate scheduler whose values come from an lrserve run.
+
+    Use it where a ``torch.optim.lr_scheduler`` scheduler goes: construct it after the
+    optimizer (it writes step 0's values into the param groups, like torch does), call
+    :meth:`step` after ``optimizer.step()``, and :meth:`report` with validation metrics
+    for metric-driven schedules (``ReduceLROnPlateau``). The values applied after ``N``
+    calls of :meth:`step` are the run's values for step ``N``.
+
+    Args:
+        optimizer: the optimizer whose param groups receive the values, in the order of
+            the run's groups. Float hyperparameters are assigned; tensor ones (``lr``,
+            ``betas[0]``) are updated in place on their device and dtype.
+        run: the run id.
+        url: the server; default ``$LRSERVE_URL``, else ``http://127.0.0.1:8000``.
+        spec: the run body (``schedule``, ``group_schedules``, ``param_schedules``, ...).
+            Given, the run is created idempotently; ``groups`` default to the optimizer's
+            param groups (:func:`groups_from_optimizer`). Not given, the run must exist.
+        token: bearer token (default ``$LRSERVE_TOKEN``).
+        client: an :class:`lrserve.Client` to use instead of building one (not closed by
+            :meth:`close`).
+        rank, world_size: this process's place in a data-parallel job; default from
+            ``torch.distributed`` when it is initialised, else 0 and 1.
+        chief: data-parallel "chief" mode: only rank 0 talks to the service and
+            broadcasts the values over ``torch.distributed`` every ``sync_every`` steps
+            and at every :meth:`report` (both collective calls then).
+        process_group: the ``torch.distributed`` group (default: the world).
+        window: how many steps of values one fetch brings (the server allows 100000).
+        poll_interval: seconds between ETag revalidations of the window.
+        sync_every: chief mode: steps between two broadcasts of values.
+        report_timeout: data-parallel: seconds :meth:`report` waits for every rank.
+        aggregate: chief mode: how rank metrics are combined before rank 0 reports them.
+        strict: raise :class:`WindowExhaustedError` / the client's errors instead of
+            holding the last known values when the service is unreachable.
+        timeout: seconds for one request of the client this builds.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        run: str,
+        url: str | None = None,
+        spec: Mapping[str, Any] | None = None,
+        *,
+        token: str | None = None,
+        client: Client | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        chief: bool = False,
+        process_group: Any = None,
+        window: int = 4096,
+        poll_interval: float = 2.0,
+        sync_every: int = 256,
+        report_timeout: float = 120.0,
+        aggregate: Aggregate = "mean",
+        strict: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
+        if window < 2 or window > 100_000:
+            raise UsageError(f"window must be between 2 and 100000 steps, got {window}")
+        if sync_every < 1:
+            raise UsageError(f"sync_every must be at least 1, got {sync_every}")
+        if aggregate not in ("mean", "min", "max", "rank0"):
+            raise UsageError(f"aggregate must be mean, min, max or rank0, got {aggregate!r}")
+        self.optimizer = optimizer
+        self.run_id = run
+        self.strict = strict
+        self.chief = chief
+        self.process_group = process_group
+        d_rank, d_world = _dist_info(process_group)
+        self.rank = d_rank if rank is None else int(rank)
+        self.world_size = d_world if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise UsageError(f"rank {self.rank} is outside world_size {self.world_size}")
+        if chief and self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise UsageError("chief mode needs torch.distributed to be initialised")
+        self._collective = chief and self.world_size > 1
+        self._talks = not self._collective or self.rank == 0
+        self._window_size = int(window)
+        self._sync_every = int(sync_every)
+        self._poll_interval = float(poll_interval)
+        self._report_timeout = float(report_timeout)
+        self._aggregate = aggregate
+        self._spec = dict(spec) if spec is not None else None
+
+        self._step = 0
+        self._names: list[str] | None = None
+        self._bound: BoundWindow | None = None
+        self._next: Window | None = None  # chief rank 0: fetched, applied at the next sync
+        self._outbox: deque[tuple[int, dict[str, float]]] = deque()
+        self._io_lock = threading.RLock()
+        self._offline = False
+        self._warned_offline = False
+        self._warned_held = False
+        self._closed = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+        self._owns_client = client is None and self._talks
+        self._client: Client | None = client
+        if self._client is None and self._talks:
+            self._client = Client(
+                url,
+                token=token,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+                max_retries=1,
+                backoff_base=0.1,
+                backoff_max=0.5,
+            )
+
+        if self._talks:
+            try:
+                self._attach()
+                w = self._fetch(0)
+                self._install(w)
+            except _UNAVAILABLE as exc:
+                if strict:
+                    self._close_client()
+                    raise
+                self._went_offline(exc)
+            except BaseException:
+                self._close_client()
+                raise
+        if self._collective:
+            self._chief_sync(0)
+        elif self._bound is not None and self._bound.window.covers(0):
+            self._bound.apply(0 - self._bound.start)
+        if self._talks:
+            self._thread = threading.Thread(
+                target=self._refresh_loop, name=f"lrserve-refresh-{run}", daemon=True
+            )
+            self._thread.start()
+
+    # -- the step path ---------------------------------------------------------------
+
+    def step(self) -> None:
+        """Advance one step and write that step's values into the param groups.
+
+        Steady state: an index into the prefetched window, no network, no lock.
+        """
+        s = self._step + 1
+        b = self._bound
+        if b is not None and b.groups is self.optimizer.param_groups:
+            i = s - b.start
+            if 0 <= i < b.count:
+                self._step = s
+                for d, k, col in b.floats:
+                    d[k] = col[i]
+                if b.fills:
+                    for t, c in b.fills:
+                        t.fill_(c[i])
+                if b.buckets:
+                    for targets, rows in b.buckets:
+                        torch._foreach_copy_(targets, rows[i].unbind(0))
+                if i == b.refill_at:
+                    self._wake.set()
+                return
+        self._step_slow(s)
+
+    def _step_slow(self, s: int) -> None:
+        b = self._bound
+        if b is not None and b.groups is not self.optimizer.param_groups:
+            # optimizer.load_state_dict() replaced the param group dicts: bind again.
+            b = self._bound = bind(b.window, self._group_names(), self.optimizer.param_groups)
+            if 0 <= s - b.start < b.count:
+                self._step = s
+                b.apply(s - b.start)
+                return
+        if self._collective:
+            self._step = s
+            self._chief_sync(s)
+            return
+        if b is None or not b.window.covers(s):
+            # Ahead of the window (a fast loop outran the refresher): fetch now rather
+            # than apply a wrong value. Offline, don't: every step would wait.
+            if self._talks and not self._offline and self._names is not None:
+                try:
+                    self._install(self._fetch(s))
+                except _UNAVAILABLE as exc:
+                    self._went_offline(exc)
+            b = self._bound
+        self._step = s
+        if b is not None and b.window.covers(s):
+            b.apply(s - b.start)
+            return
+        self._hold(s)
+
+    def _hold(self, s: int) -> None:
+        self._wake.set()
+        if self.strict:
+            raise WindowExhaustedError(
+                f"lrserve run {self.run_id!r}: no values for step {s} "
+                "(the service is unreachable and the prefetched window has run out)"
+            )
+        if not self._warned_held:
+            self._warned_held = True
+            msg = (
+                f"lrserve run {self.run_id!r}: step {s} is beyond the values fetched so far; "
+                "holding the last known values until the service answers again"
+            )
+            log.warning(msg)
+            warnings.warn(msg, LRServeOfflineWarning, stacklevel=3)
+
+    # -- torch scheduler API ---------------------------------------------------------
+
+    @property
+    def last_epoch(self) -> int:
+        """The number of :meth:`step` calls so far (torch's name for it)."""
+        return self._step
+
+    @property
+    def version(self) -> int | None:
+        """The run version of the values in use (``None`` before any arrived)."""
+        b = self._bound
+        return None if b is None or b.window.held else b.window.version
+
+    @property
+    def offline(self) -> bool:
+        """Whether the last attempt to reach the service failed."""
+        return self._offline
+
+    @property
+    def holding(self) -> bool:
+        """Whether the current step's values are held (not served) values."""
+        b = self._bound
+        return b is None or b.window.held or not b.window.covers(self._step)
+
+    def get_last_lr(self) -> list[Any]:
+        """The learning rate of every param group, as torch's ``get_last_lr()``."""
+        return [
+            g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+            for g in self.optimizer.param_groups
+        ]
+
+    def report(self, metrics: Mapping[str, Any], step: int | None = None) -> ReportResult | None:
+        """Report metrics for ``step`` (default: the current step) and apply the answer.
+
+        A decision taken on this report (e.g. a plateau reduction) applies from
+        ``step + 1``: the next :meth:`step` already uses it. With ``world_size > 1``
+        every rank reports and this returns once every rank has (the step is complete),
+        so all ranks continue with the same values. Returns the server's answer, or
+        ``None`` when the service is unreachable (the report is then kept and sent when
+        it is back; ``strict=True`` raises instead).
+        """
+        s = self._step if step is None else int(step)
+        values = {str(k): float(v) for k, v in metrics.items()}
+        if self._collective:
+            return self._report_chief(s, values)
+        assert self._client is not None
+        with self._io_lock:
+            self._flush_outbox()
+            if self._outbox:
+                return self._queue_report(s, values, None)
+            wait = self._report_timeout if self.world_size > 1 else None
+            try:
+                res = self._client.report(
+                    self.run_id, s, values, rank=self.rank, wait=min(wait, 300.0) if wait else None
+                )
+            except _UNAVAILABLE as exc:
+                return self._queue_report(s, values, exc)
+            except ConflictError as exc:
+                if self.strict:
+                    raise
+                warnings.warn(f"lrserve: report ignored: {exc}", RuntimeWarning, stacklevel=2)
+                return None
+            self._back_online()
+        complete = bool(res.get("complete", True))
+        if self.world_size > 1 and not complete:
+            self._wait_complete(s)
+        # Completed later than this answer was written: its version may predate the
+        # decision, so fetch regardless.
+        self._after_report(res, force=not complete)
+        return res
+
+    def _wait_complete(self, s: int) -> None:
+        assert self._client is not None
+        deadline = time.monotonic() + self._report_timeout
+        while time.monotonic() < deadline:
+            try:
+                run = self._client.get_run(self.run_id)
+            except _UNAVAILABLE as exc:
+                self._went_offline(exc)
+                break
+            done = run.get("completed_step")
+            if done is not None and done >= s:
+                return
+            time.sleep(0.05)
+        msg = f"lrserve run {self.run_id!r}: step {s} not complete after {self._report_timeout}s"
+        if self.strict:
+            raise WindowExhaustedError(msg)
+        warnings.warn(msg + "; ranks may apply different values", RuntimeWarning, stacklevel=3)
+
+    def _after_report(self, res: Mapping[str, Any], force: bool = False) -> None:
+        b = self._bound
+        same = b is not None and not b.window.held and res.get("version") == b.window.version
+        if same and not force:
+            return
+        try:
+            self._install(self._fetch(self._step), force=True)
+        except _UNAVAILABLE as exc:
+            self._went_offline(exc)
+            # Still apply the decision from the step it applies to; the refresher
+            # brings the rest of the window when the service answers again.
+            cols = {g: {f: [float(v)] for f, v in fs.items()} for g, fs in res["groups"].items()}
+            start = int(res.get("applies_from", self._step + 1))
+            self._install(Window(start, 1, int(res["version"]), None, cols), force=True)
+
+    def _queue_report(
+        self, s: int, values: dict[str, float], exc: BaseException | None
+    ) -> ReportResult | None:
+        if self.strict and exc is not None:
+            raise exc
+        self._outbox.append((s, values))
+        if exc is not None:
+            self._went_offline(exc)
+        self._wake.set()
+        return None
+
+    def _flush_outbox(self) -> None:
+        """Send reports kept while the service was down, oldest first (idempotent)."""
+        assert self._client is not None
+        with self._io_lock:
+            while self._outbox:
+                s, values = self._outbox[0]
+                try:
+                    self._client.report(self.run_id, s, values, rank=self.rank)
+                except _UNAVAILABLE as exc:
+                    self._went_offline(exc)
+                    return
+                except ConflictError as exc:
+                    log.warning("lrserve: dropping the kept report for step %d: %s", s, exc)
+                self._outbox.popleft()
+
+    # -- chief mode ------------------------------------------------------------------
+
+    def _chief_sync(self, s: int) -> None:
+        """Collective: rank 0 sends every rank the values from step ``s`` on."""
+        payload: list[Any] = [None]
+        if self.rank == 0:
+            w = self._chief_source(s)
+            payload[0] = (self._names, w) if w is not None else (self._names, None)
+        dist.broadcast_object_list(payload, src=0, group=self.process_group)
+        names, w = payload[0]
+        if names is not None:
+            self._names = list(names)
+        if w is None:
+            self._bound = None
+            self._hold(s)
+            return
+        self._bound = bind(w, self._group_names(), self.optimizer.param_groups)
+        self._bound.apply(s - w.start)
+        if w.held:
+            self._hold(s)
+
+    def _chief_source(self, s: int) -> Window | None:
+        with self._io_lock:
+            candidates = [self._next, self._bound.window if self._bound else None]
+            src = next(
+                (w for w in candidates if w is not None and w.covers(s) and not w.held), None
+            )
+            if src is None and not self._offline and self._names is not None:
+                try:
+                    src = self._next = self._fetch(s)
+                except _UNAVAILABLE as exc:
+                    self._went_offline(exc)
+            if src is not None and src.covers(s):
+                return src.sliced(s, self._sync_every)
+            if self._names is None:
+                return None
+            held = read_values(self._names, self.optimizer.param_groups, self._fields())
+            version = self._bound.window.version if self._bound else -1
+            return Window.held_at(s, self._sync_every, version, held)
+
+    def _report_chief(self, s: int, values: dict[str, float]) -> ReportResult | None:
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, values, group=self.process_group)
+        result: list[Any] = [None]
+        if self.rank == 0:
+            assert self._client is not None
+            combined = _aggregate(gathered, self._aggregate)
+            with self._io_lock:
+                self._flush_outbox()
+                res: ReportResult | None = None
+                if self._outbox:
+                    self._outbox.append((s, combined))
+                else:
+                    try:
+                        res = self._client.report(self.run_id, s, combined, rank=0)
+                        self._back_online()
+                    except _UNAVAILABLE as exc:
+                        self._outbox.append((s, combined))
+                        self._went_offline(exc)
+                    except ConflictError as exc:
+                        log.warning("lrserve: report ignored: %s", exc)
+                if res is not None:
+                    cur = self._next or (self._bound.window if self._bound else None)
+                    if cur is None or cur.version != res.get("version"):
+                        try:
+                            self._next = self._fetch(self._step)
+                        except _UNAVAILABLE as exc:
+                            self._went_offline(exc)
+            result[0] = res
+        dist.broadcast_object_list(result, src=0, group=self.process_group)
+        # The answer changes values from s + 1 on: every rank takes them now, at the
+        # same step, from the same broadcast.
+        self._chief_sync(self._step)
+        if result[0] is None and self.strict:
+            raise WindowExhaustedError(f"lrserve run {self.run_id!r}: report for step {s} failed")
+        return result[0]
+
+    # -- fetching and installing windows ---------------------------------------------
+
+    def _group_names(self) -> list[str]:
+        if self._names is None:
+            return [f"group{i}" for i in range(len(self.optimizer.param_groups))]
+        return self._names
+
+    def _fields(self) -> dict[str, tuple[str, ...]]:
+        b = self._bound
+        if b is None:
+            return {n: ("lr",) for n in self._group_names()}
+        return {g: tuple(fs) for g, fs in b.window.columns.items()}
+
+    def _attach(self) -> None:
+        """Create the run (when given a spec) or look it up; learn the group names."""
+        assert self._client is not None
+        n_groups = len(self.optimizer.param_groups)
+        if self._spec is not None:
+            body = dict(self._spec)
+            body.setdefault("groups", groups_from_optimizer(self.optimizer))
+            if not self._collective and self.world_size > 1:
+                body.setdefault("world_size", self.world_size)
+            groups = body["groups"]
+            if len(groups) != n_groups:
+                raise UsageError(
+                    f"spec has {len(groups)} groups but the optimizer has {n_groups} param groups"
+                )
+            self._client.create_run(self.run_id, body)
+        else:
+            run = self._client.get_run(self.run_id)
+            groups = run["spec"]["groups"]
+            if len(groups) != n_groups:
+                raise UsageError(
+                    f"run {self.run_id!r} has {len(groups)} groups but the optimizer has "
+                    f"{n_groups} param groups"
+                )
+        self._names = [str(g["name"]) for g in groups]
+
+    def _fetch(self, start: int, etag: str | None = None) -> Window:
+        assert self._client is not None
+        w = self._client.get_lr_window(self.run_id, start, self._window_size, etag=etag)
+        if w.not_modified or w.values is None:
+            raise _NotModified
+        return Window(w.start, w.count, w.version, w.etag, w.values)
+
+    def _install(self, w: Window, force: bool = False) -> None:
+        """Make ``w`` the window ``step()`` reads, if it is newer or reaches further."""
+        with self._io_lock:
+            if self._collective:
+                cur = self._next
+                if force or cur is None or _better(w, cur):
+                    self._next = w
+                return
+            b = self._bound
+            if force or b is None or _better(w, b.window):
+                # One reference assignment: step() sees the old window or the new one.
+                self._bound = bind(w, self._group_names(), self.optimizer.param_groups)
+
+    # -- the background refresher ----------------------------------------------------
+
+    def _refresh_loop(self) -> None:
+        delay = self._poll_interval
+        while not self._stop.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._refresh_once()
+            except _UNAVAILABLE as exc:
+                self._went_offline(exc)
+                delay = min(max(delay * 2, 0.05), self._poll_interval)
+                continue
+            except Exception:  # never let the thread die: the loop would lose its values
+                log.exception("lrserve: window refresh failed")
+                delay = self._poll_interval
+                continue
+            delay = self._poll_interval if not self._offline else 0.05
+
+    def _refresh_once(self) -> None:
+        if self._names is None:
+            self._attach()
+        self._flush_outbox()
+        cur = self._step
+        w = (self._next if self._collective else None) or (
+            self._bound.window if self._bound else None
+        )
+        low = w is None or w.held or cur >= w.start + w.count // 2 or cur < w.start
+        try:
+            new = self._fetch(cur, etag=None if low else w.etag if w else None)
+        except _NotModified:
+            self._back_online()
+            return
+        self._install(new)
+        self._back_online()
+
+    def _went_offline(self, exc: BaseException) -> None:
+        self._offline = True
+        if not self._warned_offline:
+            self._warned_offline = True
+            b = self._bound
+            upto = f"up to step {b.window.end - 1}" if b is not None else "none yet"
+            msg = (
+                f"lrserve service unreachable for run {self.run_id!r} ({exc}); training "
+                f"continues on the values already fetched ({upto}) and catches up when it is back"
+            )
+            log.warning(msg)
+            warnings.warn(msg, LRServeOfflineWarning, stacklevel=2)
+
+    def _back_online(self) -> None:
+        if self._offline:
+            log.warning("lrserve service reachable again for run %r", self.run_id)
+        self._offline = False
+        self._warned_offline = False
+        self._warned_held = False
+
+    # -- checkpointing ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume: run id, step, world and pending reports."""
+        names = self._group_names()
+        return {
+            "run": self.run_id,
+            "step": self._step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "chief": self.chief,
+            "version": self.version,
+            "values": read_values(names, self.optimizer.param_groups, self._fields()),
+            "outbox": [[s, dict(v)] for s, v in self._outbox],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: same step, values from the server.
+
+        Call it after ``optimizer.load_state_dict()`` (or instead of restoring the
+        optimizer's learning rates). Collective in chief mode.
+        """
+        if state_dict.get("run") != self.run_id:
+            raise UsageError(
+                f"state_dict is for run {state_dict.get('run')!r}, not {self.run_id!r}"
+            )
+        s = int(state_dict["step"])
+        with self._io_lock:
+            self._step = s
+            for item in state_dict.get("outbox", []):
+                self._outbox.append((int(item[0]), {str(k): float(v) for k, v in item[1].items()}))
+            held = state_dict.get("values") or {}
+            if held:
+                # The checkpoint's values are the last known ones: in force until the
+                # server's arrive (and what is held if it cannot be reached).
+                w = Window.held_at(s, 1, int(state_dict.get("version") or -1), held)
+                bind(w, self._group_names(), self.optimizer.param_groups).apply(0)
+            self._bound = None
+            self._next = None
+        if self._talks and self._names is not None:
+            try:
+                self._flush_outbox()
+                self._install(self._fetch(s), force=True)
+            except _UNAVAILABLE as exc:
+                if self.strict:
+                    raise
+                self._went_offline(exc)
+        if self._collective:
+            self._chief_sync(s)
+        elif self._bound is not None and self._bound.window.covers(s):
+            self._bound.apply(s - self._bound.start)
+        self._wake.set()
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the refresher, send kept reports if the service answers, close the client."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._talks and self._outbox:
+            with contextlib.suppress(Exception):
+                self._flush_outbox()
+        self._close_client()
+
+    def _close_client(self) -> None:
+        if self._owns_client and self._client is not None:
+            self._client.close()
+
+    def __enter__(self) -> RemoteScheduler:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stop.set()
+            self._wake.set()
+
+    def __repr__(self) -> str:
+        return (
+            f"RemoteScheduler(run={self.run_id!r}, step={self._step}, version={self.version}, "
+            f"rank={self.rank}/{self.world_size}{', chief' if self.chief else ''})"
+        )
+
+
+class _NotModified(Exception):
+    """The server answered 304: the window in hand is still exact."""
+
+
+def _better(new: Window, old: Window) -> bool:
+    if old.held:
+        return True
+    if new.version != old.version:
+        # Versions only grow; an older one can arrive late from a slow request.
+        return new.version > old.version
+    return new.end > old.end

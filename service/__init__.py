@@ -1,0 +1,1 @@
+"""lrserve server: schedule engine, run model, storage and HTTP API."""

@@ -1,0 +1,96 @@
+"""Helpers shared by the routers: path types, JSON responses, run bodies, error mapping."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Path
+from starlette.responses import Response
+
+from service.api.problems import ApiError, run_not_found, validation_error
+from service.runs.model import RunError
+from service.runs.service import RunNotFound
+from service.schedules import SpecError
+from service.store import RunRecord
+from service.store.base import jsonable
+
+T = TypeVar("T")
+
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+RunId = Annotated[
+    str,
+    Path(
+        pattern=RUN_ID_PATTERN,
+        description="client-chosen id: [A-Za-z0-9][A-Za-z0-9._-]{0,127}",
+        examples=["exp-42"],
+    ),
+]
+
+_CONFLICT_TITLES = {
+    "run-conflict": "Run conflict",
+    "report-conflict": "Report conflict",
+    "stale-report": "Stale report",
+}
+
+
+def json_bytes(body: Any) -> bytes:
+    """Strict JSON (non-finite floats as "NaN"/"Infinity"/"-Infinity" strings)."""
+    try:
+        data = json.dumps(body, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        data = json.dumps(jsonable(body), allow_nan=False, separators=(",", ":"))
+    return data.encode()
+
+
+def json_response(
+    body: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    return Response(
+        json_bytes(body), status_code=status_code, media_type="application/json", headers=headers
+    )
+
+
+def run_body(run: RunRecord) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "spec": json.loads(run.spec),
+        "version": run.version,
+        "created_at": run.created_at,
+        "updated_at": run.updated_at,
+        "step": run.step,
+        "completed_step": run.completed_step,
+        "state": json.loads(run.state),
+        "overrides": json.loads(run.overrides),
+    }
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def etag_matches(if_none_match: str | None, version: int) -> bool:
+    if not if_none_match:
+        return False
+    tag = etag(version)
+    for candidate in if_none_match.split(","):
+        c = candidate.strip()
+        if c == "*" or c == tag or c.removeprefix("W/") == tag:
+            return True
+    return False
+
+
+def translate(fn: Callable[..., T], *args: Any) -> T:
+    """Call a use case, turning model errors into problem responses."""
+    try:
+        return fn(*args)
+    except RunNotFound as exc:
+        raise run_not_found(exc.run_id) from None
+    except SpecError as exc:
+        raise validation_error(["body", *exc.loc], exc.msg) from None
+    except RunError as exc:
+        if exc.kind == "validation-error":
+            raise validation_error(exc.loc or ["body"], exc.message) from None
+        title = _CONFLICT_TITLES.get(exc.kind, "Conflict")
+        raise ApiError(409, exc.kind, title, exc.message) from None

@@ -1,0 +1,113 @@
+"""Request-scoped access to the app's store, settings and compiled-program cache."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from anyio import CapacityLimiter, to_thread
+from fastapi import Request
+
+from service.config import Settings
+from service.store import Store, StoreBusy
+
+log = logging.getLogger("lrserve.store")
+T = TypeVar("T")
+
+
+class StoreHolder:
+    """Opens the store and migrates it, retrying lazily while the database is down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store: Store | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> Store:
+        store = self._store
+        if store is not None:
+            return store
+        with self._lock:
+            if self._store is None:
+                from service.store import open_store
+
+                candidate = open_store(
+                    self.settings.database,
+                    busy_timeout_ms=self.settings.busy_timeout_ms,
+                    pool_min=self.settings.pool_min,
+                    pool_max=self.settings.pool_max,
+                )
+                try:
+                    candidate.migrate()
+                except BaseException:
+                    candidate.close()
+                    raise
+                self._store = candidate
+                log.info('{"event": "store_ready", "dialect": "%s"}', candidate.dialect)
+            return self._store
+
+    @property
+    def ready(self) -> bool:
+        return self._store is not None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
+def holder(request: Request) -> StoreHolder:
+    h: StoreHolder = request.app.state.store_holder
+    return h
+
+
+def settings_of(request: Request) -> Settings:
+    s: Settings = request.app.state.settings
+    return s
+
+
+async def get_store(request: Request) -> Store:
+    """The migrated store, or 503 while the database cannot be reached."""
+    h = holder(request)
+    store = h._store
+    if store is not None:
+        return store
+    try:
+        return await to_thread.run_sync(h.open)
+    except StoreBusy:
+        raise
+    except Exception as exc:  # the database is down or refuses us: not the client's fault
+        raise StoreBusy(f"the database is not ready: {type(exc).__name__}") from exc
+
+
+async def db_read(store: Store, fn: Callable[..., T], *args: Any) -> T:
+    """Run a read on the event loop when the store says reads never block, else in a thread."""
+    if store.inline_reads:
+        return fn(*args)
+    return await to_thread.run_sync(fn, *args)
+
+
+_sqlite_writer: CapacityLimiter | None = None
+
+
+async def db_write(fn: Callable[..., T], *args: Any) -> T:
+    """Writes may wait on a lock: always in a worker thread, never on the event loop.
+
+    SQLite writes of this process go through one thread at a time: the database lock lets only
+    one writer in anyway, and a pool of threads contending for it cost a fifth of the
+    throughput in GIL and lock hand-offs (bench/bench_http.py). PostgreSQL writes to different
+    runs proceed in parallel, so they keep the whole pool.
+    """
+    global _sqlite_writer
+    limiter = None
+    import os
+    if os.environ.get("H4_NOLIM") != "1" and any(getattr(a, "dialect", None) == "sqlite" for a in args) or (
+        getattr(getattr(fn, "__self__", None), "dialect", None) == "sqlite"
+    ):
+        if _sqlite_writer is None:
+            _sqlite_writer = CapacityLimiter(1)
+        limiter = _sqlite_writer
+    return await to_thread.run_sync(fn, *args, limiter=limiter)

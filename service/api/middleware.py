@@ -1,0 +1,148 @@
+"""Pure ASGI middleware: request limits (body size, JSON nesting) and observability.
+
+Both run before FastAPI parses anything, so a huge or absurdly nested body is refused
+before it can cost memory or hit the JSON parser's recursion limit (which would be a 500).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from typing import Any
+
+import numpy as np
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import observability
+from service.api.problems import problem_response
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPEN = np.zeros(256, dtype=np.int8)
+_OPEN[ord("[")] = _OPEN[ord("{")] = 1
+_OPEN[ord("]")] = _OPEN[ord("}")] = -1
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+access_log = logging.getLogger("lrserve.access")
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest bracket nesting of a JSON text (strings ignored), without parsing it."""
+    if b"[" not in body and b"{" not in body:
+        return 0
+    stripped = _STRING.sub(b'""', body)
+    delta = _OPEN[np.frombuffer(stripped, dtype=np.uint8)]
+    return int(np.cumsum(delta, dtype=np.int64).max(initial=0))
+
+
+class LimitsMiddleware:
+    """413 for bodies over ``max_body_bytes``; 422 for JSON nested over ``max_json_depth``."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_json_depth: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_json_depth = max_json_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > limit:
+                    await self._too_large(scope, receive, send)
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body and json_depth(body) > self.max_json_depth:
+            msg = f"JSON nested deeper than {self.max_json_depth} levels"
+            response = problem_response(
+                422,
+                "validation-error",
+                "Validation error",
+                f"body: {msg}",
+                [{"loc": ["body"], "msg": msg}],
+            )
+            await response(scope, receive, send)
+            return
+
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_response(
+            413,
+            "payload-too-large",
+            "Payload too large",
+            f"the request body exceeds {self.max_body_bytes} bytes",
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
+class ObservabilityMiddleware:
+    """One JSON log line and Prometheus samples per request (never headers, so never a token)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            duration = time.perf_counter() - start
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            method = scope["method"]
+            observability.observe_request(method, template, status, duration)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    json.dumps(
+                        {
+                            "event": "request",
+                            "method": method,
+                            "path": template,
+                            "status": status,
+                            "duration_ms": round(duration * 1000, 3),
+                        }
+                    )
+                )

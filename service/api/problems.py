@@ -1,0 +1,171 @@
+"""RFC 9457 problem+json errors and the handlers that make every failure one.
+
+Slugs are part of the wire contract (docs/architecture.md); the SDK maps them to exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service.store import StoreBusy, StoreError
+
+log = logging.getLogger("lrserve.errors")
+
+PROBLEM_JSON = "application/problem+json"
+
+_STATUS_SLUG = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Unauthorized"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    406: ("not-acceptable", "Not acceptable"),
+    413: ("payload-too-large", "Payload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    422: ("validation-error", "Validation error"),
+    503: ("service-unavailable", "Service unavailable"),
+}
+
+
+class ApiError(Exception):
+    """An error answered as problem+json with a stable ``type`` slug."""
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        errors: Sequence[Mapping[str, Any]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.title = title
+        self.detail = detail
+        self.errors = list(errors) if errors is not None else None
+        self.headers = dict(headers or {})
+
+
+def validation_error(loc: Iterable[str | int], msg: str, detail: str | None = None) -> ApiError:
+    loc = list(loc)
+    return ApiError(
+        422,
+        "validation-error",
+        "Validation error",
+        detail or f"{'.'.join(str(p) for p in loc)}: {msg}",
+        errors=[{"loc": loc, "msg": msg}],
+    )
+
+
+def run_not_found(run_id: str) -> ApiError:
+    return ApiError(404, "run-not-found", "Run not found", f"no run with id {run_id!r}")
+
+
+def problem_response(
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {
+        "type": f"/problems/{slug}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if errors is not None:
+        body["errors"] = list(errors)
+    return Response(
+        json.dumps(body, default=str).encode(),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=dict(headers or {}),
+    )
+
+
+def _json_safe_loc(loc: Iterable[Any]) -> list[str | int]:
+    return [p if isinstance(p, (str, int)) else str(p) for p in loc]
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors():
+        loc = _json_safe_loc(err.get("loc", ()))
+        msg = str(err.get("msg", "invalid"))
+        out.append({"loc": loc, "msg": msg})
+    return out
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every exception becomes problem+json; unknown ones a logged 500 (never on purpose)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return problem_response(
+            exc.status, exc.slug, exc.title, exc.detail, exc.errors, exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        errors = _validation_errors(exc)
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return problem_response(
+            422,
+            "validation-error",
+            "Validation error",
+            f"{where}: {first['msg']}{more}",
+            errors,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        slug, title = _STATUS_SLUG.get(exc.status_code, ("http-error", "HTTP error"))
+        detail = exc.detail if isinstance(exc.detail, str) else title
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no such resource: {request.url.path}"
+        if exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return problem_response(exc.status_code, slug, title, detail, None, exc.headers)
+
+    @app.exception_handler(StoreBusy)
+    async def _busy(request: Request, exc: StoreBusy) -> Response:
+        return problem_response(
+            503,
+            "database-busy",
+            "Database busy",
+            f"{exc}; retry after {exc.retry_after} s",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, exc: StoreError) -> Response:
+        log.error("storage error on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(
+            503,
+            "database-busy",
+            "Database unavailable",
+            "the database failed to answer; retry later",
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(Exception)
+    async def _last_resort(request: Request, exc: Exception) -> Response:
+        # Reaching this is a bug: tests show no input does. Log it, never leak internals.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(
+            500, "internal-error", "Internal server error", "an unexpected error occurred"
+        )

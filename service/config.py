@@ -1,0 +1,95 @@
+"""Server settings, read from command-line flags and ``LRSERVE_*`` environment variables.
+
+Flags win over the environment, the environment over the defaults. ``serve_main`` hands the
+settings to every uvicorn worker through the environment (see :meth:`Settings.to_env`), so a
+worker process rebuilds exactly the settings its parent parsed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+DEFAULT_DATABASE = "sqlite:///./lrserve.db"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _env_bool(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to start; immutable once parsed."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database: str = DEFAULT_DATABASE
+    workers: int = 1
+    token: str | None = None
+    read_token: str | None = None
+    log_level: str = "info"
+    allow_unauthenticated: bool = False
+    """Serve without a token on a non-loopback address (``--insecure-bind-all``)."""
+    max_body_bytes: int = 1_048_576
+    max_json_depth: int = 64
+    max_window: int = 100_000
+    max_curve_span: int = 10_000_000
+    max_wait_seconds: float = 300.0
+    busy_timeout_ms: int = 5_000
+    pool_min: int = 1
+    pool_max: int = 10
+    wait_poll_seconds: float = 0.02
+    """How often a ``?wait=`` request looks at the database for the step's completion."""
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.token or self.read_token)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``LRSERVE_*`` variables (unset ones keep their defaults)."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"LRSERVE_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            default = f.default
+            if isinstance(default, bool):
+                values[f.name] = _env_bool(raw)
+            elif isinstance(default, int):
+                values[f.name] = int(raw)
+            elif isinstance(default, float):
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        # The documented name of the escape hatch for unauthenticated non-loopback binds.
+        if _env_bool(env.get("LRSERVE_ALLOW_UNAUTHENTICATED")):
+            values["allow_unauthenticated"] = True
+        return cls(**values)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The ``LRSERVE_*`` variables that make :meth:`from_env` return these settings."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "1" if value else "0"
+            out[f"LRSERVE_{f.name.upper()}"] = str(value)
+        return out
+
+    def __repr__(self) -> str:
+        # Tokens must never reach a log line or a traceback.
+        shown = {
+            f.name: (
+                "***"
+                if f.name in {"token", "read_token"} and getattr(self, f.name)
+                else getattr(self, f.name)
+            )
+            for f in fields(self)
+        }
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"

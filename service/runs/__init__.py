@@ -1,0 +1,1 @@
+"""The run model: RunSpec, pure transitions (create, report, override), evaluation."""

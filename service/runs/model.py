@@ -1,0 +1,316 @@
+"""The run model: specs, and the pure transitions a run goes through.
+
+Nothing here does I/O. :mod:`service.runs.service` loads a locked run from the store, calls
+these functions, and writes what they return in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from service.schedules import Program, ScheduleSpec
+from service.schedules.base import MAX_STEP
+
+Aggregate = Literal["mean", "min", "max", "rank0"]
+Values = dict[str, dict[str, npt.NDArray[np.float64]]]
+"""Evaluated hyperparameters: group -> field -> values per step."""
+
+MAX_METRICS_PER_REPORT = 256
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class RunSpec(ScheduleSpec):
+    """The body of ``PUT /v1/runs/{id}``: a schedule spec plus how ranks report."""
+
+    world_size: int = Field(1, ge=1, le=4096, description="ranks that report every step")
+    aggregate: Aggregate = Field("mean", description="how the ranks' metrics are combined")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, stored as is")
+
+    def normalised(self) -> str:
+        """Canonical JSON (defaults filled, keys sorted): equal specs give equal text."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _metric_value(value: Any) -> float | None:
+    # JSON has no NaN/Infinity literals: they arrive as these exact strings (or null).
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("a metric value must be a number, null, 'NaN', 'Infinity' or '-Infinity'")
+    if isinstance(value, (int, float)):
+        # A NaN/Infinity literal (or 1e999, which parses as inf) is not JSON: refuse it so that
+        # a non-finite value is always an explicit string. A huge int must be a 422, not an
+        # OverflowError (a 500).
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError(
+                "must be a finite number: JSON has no NaN/Infinity literals, send the strings "
+                "'NaN', 'Infinity' or '-Infinity' (or null)"
+            )
+        return number
+    if isinstance(value, str) and value in _NONFINITE:
+        return _NONFINITE[value]
+    raise ValueError("a metric value must be a number, null, 'NaN', 'Infinity' or '-Infinity'")
+
+
+MetricValue = Annotated[float | None, BeforeValidator(_metric_value)]
+MetricName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class ReportIn(BaseModel):
+    """The body of ``POST /v1/runs/{id}/metrics``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=0, le=MAX_STEP)
+    rank: int = Field(0, ge=0, le=4095)
+    values: dict[MetricName, MetricValue] = Field(max_length=MAX_METRICS_PER_REPORT)
+
+
+class OverrideIn(BaseModel):
+    """The body of ``POST /v1/runs/{id}/overrides``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    from_step: int = Field(ge=0, le=MAX_STEP)
+    action: Literal["scale", "set"]
+    value: float = Field(ge=0.0)
+    groups: list[str] | None = Field(None, min_length=1, max_length=1024)
+    field: str = Field("lr", min_length=1, max_length=100)
+    note: str = Field("", max_length=2000)
+
+
+class RunError(Exception):
+    """A request the run's current state refuses; ``kind`` names the problem slug."""
+
+    def __init__(self, kind: str, message: str, loc: Sequence[str | int] | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.loc = list(loc) if loc is not None else None
+
+
+# -- compiled programs -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compiled:
+    spec: RunSpec
+    program: Program
+
+
+@lru_cache(maxsize=512)
+def compile_spec(spec_text: str) -> Compiled:
+    """Parse and compile a stored (normalised) spec.
+
+    A pure function of the text, so caching it per process is only an optimisation: the
+    stored spec of a run id can change only by delete + create, which changes the text.
+    """
+    spec = RunSpec.model_validate_json(spec_text)
+    return Compiled(spec, Program(spec))
+
+
+# -- values: schedule, then overrides ----------------------------------------------------
+
+
+def apply_overrides(
+    values: Values, start: int, count: int, overrides: Sequence[Mapping[str, Any]]
+) -> Values:
+    """Operator overrides in the order they were made: ``set`` replaces, ``scale`` multiplies."""
+    if not overrides:
+        return values
+    stop = start + count
+    for ov in overrides:
+        first = int(ov["from_step"])
+        if first >= stop:
+            continue
+        offset = max(0, first - start)
+        fld = ov["field"]
+        for group in ov["groups"]:
+            series = values.get(group, {}).get(fld)
+            if series is None:
+                continue
+            if ov["action"] == "set":
+                series[offset:] = float(ov["value"])
+            else:
+                series[offset:] *= float(ov["value"])
+    return values
+
+
+def evaluate(
+    program: Program,
+    state: Mapping[str, Any],
+    overrides: Sequence[Mapping[str, Any]],
+    start: int,
+    count: int,
+) -> Values:
+    """Every group's hyperparameters for steps ``start .. start + count - 1``."""
+    raw = program.evaluate(dict(state), start=start, count=count)
+    values: Values = {
+        g: {f: np.array(v, dtype=np.float64, copy=True) for f, v in fields.items()}
+        for g, fields in raw.items()
+    }
+    return apply_overrides(values, start, count, overrides)
+
+
+def at_step(values: Values, index: int = 0) -> dict[str, dict[str, float]]:
+    return {g: {f: float(v[index]) for f, v in fields.items()} for g, fields in values.items()}
+
+
+# -- overrides ---------------------------------------------------------------------------
+
+
+def make_override(program: Program, body: OverrideIn, at: str) -> dict[str, Any]:
+    """The stored form of an override, checked against the run's groups and fields."""
+    names = list(program.group_names)
+    groups = list(body.groups) if body.groups is not None else names
+    for i, g in enumerate(groups):
+        if g not in names:
+            raise RunError(
+                "validation-error",
+                f"unknown group {g!r}; the run has {names}",
+                ["body", "groups", i],
+            )
+        if body.field not in program.fields[g]:
+            raise RunError(
+                "validation-error",
+                f"group {g!r} has no field {body.field!r}; it has {list(program.fields[g])}",
+                ["body", "field"],
+            )
+    if len(set(groups)) != len(groups):
+        raise RunError("validation-error", "groups are listed more than once", ["body", "groups"])
+    return {
+        "from_step": body.from_step,
+        "action": body.action,
+        "value": body.value,
+        "groups": groups,
+        "field": body.field,
+        "note": body.note,
+        "at": at,
+    }
+
+
+# -- reports -----------------------------------------------------------------------------
+
+
+def canonical_values(values: Mapping[str, float | None]) -> str:
+    """Stored text of a report's values; equal reports give equal text (NaN included)."""
+    return json.dumps(
+        {k: (None if v is None else float(v)) for k, v in values.items()},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def aggregate(
+    reports: Sequence[tuple[int, Mapping[str, float | None]]], how: Aggregate
+) -> dict[str, float | None]:
+    """Combine the ranks' values per metric name.
+
+    ``null`` means "no value" and is left out (all null: ``None``, which metric-driven nodes
+    skip); NaN and infinities take part and propagate (NaN in, NaN out). ``rank0`` takes
+    rank 0's values alone.
+    """
+    if how == "rank0":
+        for rank, values in reports:
+            if rank == 0:
+                return {k: (None if v is None else float(v)) for k, v in values.items()}
+        return {}
+    columns: dict[str, list[float]] = {}
+    for _, values in reports:
+        for k, v in values.items():
+            col = columns.setdefault(k, [])
+            if v is not None:
+                col.append(float(v))
+    out: dict[str, float | None] = {}
+    for k, col in columns.items():
+        if not col:
+            out[k] = None
+            continue
+        arr = np.asarray(col, dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            if how == "mean":
+                out[k] = float(np.mean(arr))
+            elif how == "min":
+                out[k] = float(np.min(arr))
+            else:
+                out[k] = float(np.max(arr))
+    return out
+
+
+@dataclass
+class ReportPlan:
+    """What one report does to a run (computed purely, written by the service)."""
+
+    duplicate: bool
+    complete: bool
+    reported_ranks: int
+    completes_now: bool = False
+    decision: dict[str, Any] | None = None
+    new_state: dict[str, Any] | None = None
+    aggregate: dict[str, float | None] = field(default_factory=dict)
+
+
+def plan_report(
+    compiled: Compiled,
+    state: Mapping[str, Any],
+    completed_step: int | None,
+    step: int,
+    rank: int,
+    values_text: str,
+    existing: Sequence[tuple[int, str]],
+) -> ReportPlan:
+    """Decide what a report means: duplicate, conflict, stale, partial or completing.
+
+    ``existing`` are the (rank, values text) already stored for ``step``.
+    """
+    spec = compiled.spec
+    if rank >= spec.world_size:
+        raise RunError(
+            "validation-error",
+            f"rank {rank} is out of range for world_size {spec.world_size}",
+            ["body", "rank"],
+        )
+    for other_rank, other_text in existing:
+        if other_rank == rank:
+            if other_text == values_text:
+                ranks = len(existing)
+                return ReportPlan(
+                    duplicate=True, complete=ranks >= spec.world_size, reported_ranks=ranks
+                )
+            raise RunError(
+                "report-conflict",
+                f"rank {rank} already reported other values for step {step}",
+            )
+    if completed_step is not None and step <= completed_step:
+        raise RunError(
+            "stale-report",
+            f"step {step} is older than the newest completed step {completed_step}",
+        )
+    ranks = len(existing) + 1
+    if ranks < spec.world_size:
+        return ReportPlan(duplicate=False, complete=False, reported_ranks=ranks)
+    reports = [(r, json.loads(t)) for r, t in existing] + [(rank, json.loads(values_text))]
+    agg = aggregate(sorted(reports, key=lambda rv: rv[0]), spec.aggregate)
+    new_state, decision = compiled.program.observe(dict(state), step=step, metrics=agg)
+    return ReportPlan(
+        duplicate=False,
+        complete=True,
+        reported_ranks=ranks,
+        completes_now=True,
+        decision=decision,
+        new_state=new_state,
+        aggregate=agg,
+    )

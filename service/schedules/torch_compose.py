@@ -1,0 +1,399 @@
+"""Composition: torch's SequentialLR and ChainedScheduler, and the ``Epochs`` wrapper.
+
+- ``SequentialLR``: torch 2.13 semantics. The child active at a step is
+  ``bisect_right(milestones, t)``; it sees local time ``t - milestone``; a child that starts at
+  a milestone > 0 restarts from the group's base (torch's ``_update_lr(0)``, closed form).
+- ``ChainedScheduler``: torch steps every child on the same lr, in list order, so the value is
+  the recurrence ``lr_t = A_t lr_{t-1} + B_t`` of the children's composed ``chain_map``s,
+  evaluated with a vectorised scan (closed-form product when every child is multiplicative).
+- ``Epochs``: a schedule written in epochs, applied per step: ``epoch = step // steps_per_epoch``
+  (Lightning ``interval="epoch"``) or ``step / steps_per_epoch`` (``fractional``: timm's
+  ``step_update``, CosineAnnealingWarmRestarts' fractional epochs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field, model_validator
+
+from .base import (
+    MAX_SCAN,
+    MAX_STEP,
+    CompileContext,
+    Curve,
+    Matrix,
+    MetricCurve,
+    NonNegInt,
+    PosInt,
+    ProgramState,
+    ScheduleNode,
+    SpecError,
+    Steps,
+    compose_maps,
+    scan_affine,
+)
+
+if TYPE_CHECKING:
+    from .spec import AnySchedule
+
+MAX_CHILDREN = 1024
+"""Most children a SequentialLR or ChainedScheduler may have."""
+
+_CHUNK = 1 << 18
+"""Steps per scan chunk: bounds the scan's memory whatever the horizon."""
+
+
+def _has_momentum(curve: Curve, state: ProgramState) -> bool:
+    return curve.momentum(np.zeros(1), state) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# SequentialLR
+
+
+class SequentialLR(ScheduleNode):
+    """``torch.optim.lr_scheduler.SequentialLR``: ``schedulers[i]`` from ``milestones[i-1]``."""
+
+    type: Literal["SequentialLR"]
+    schedulers: list[AnySchedule] = Field(min_length=1, max_length=MAX_CHILDREN)
+    milestones: list[NonNegInt] = Field(max_length=MAX_CHILDREN)
+
+    @model_validator(mode="after")
+    def _check_milestones(self) -> SequentialLR:
+        if len(self.milestones) != len(self.schedulers) - 1:
+            raise ValueError(
+                f"milestones must have exactly one entry fewer than schedulers: got "
+                f"{len(self.schedulers)} scheduler(s) and {len(self.milestones)} milestone(s)"
+            )
+        if any(b < a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
+            raise ValueError(f"milestones must be sorted ascending, got {self.milestones}")
+        return self
+
+    def compile(self, ctx: CompileContext) -> Curve:
+        starts = [0, *self.milestones]
+        children: list[Curve] = []
+        for i, child in enumerate(self.schedulers):
+            lo = ctx.step_offset + starts[i]
+            hi = ctx.step_offset + self.milestones[i] if i < len(self.milestones) else None
+            active_from = max(ctx.active_from, lo)
+            if ctx.active_until is not None:
+                hi = ctx.active_until if hi is None else min(hi, ctx.active_until)
+            children.append(
+                child.compile(
+                    ctx.child(
+                        "schedulers",
+                        i,
+                        step_offset=lo,
+                        active_from=active_from,
+                        active_until=hi,
+                    )
+                )
+            )
+        return _SequentialCurve(ctx, children, list(self.milestones))
+
+
+class _SequentialCurve(Curve):
+    def __init__(self, ctx: CompileContext, children: list[Curve], milestones: list[int]) -> None:
+        self.n_groups = ctx.n_groups
+        self.base = ctx.base.lr.reshape(-1, 1)
+        self.kids = children
+        self.milestones = np.asarray(milestones, dtype=np.float64)
+        self.starts = np.asarray([0, *milestones], dtype=np.float64)
+
+    def children(self) -> Sequence[Curve]:
+        return self.kids
+
+    def _segments(self, t: Steps) -> tuple[npt.NDArray[np.intp], Steps]:
+        idx = np.searchsorted(self.milestones, t, side="right")
+        return idx, t - self.starts[idx]
+
+    def lr(self, t: Steps, state: ProgramState) -> Matrix:
+        t = np.asarray(t, dtype=np.float64)
+        idx, local = self._segments(t)
+        out = np.empty((self.n_groups, len(t)))
+        for k in np.unique(idx):
+            mask = idx == k
+            out[:, mask] = self._segment_lr(int(k), local[mask], state)
+        return out
+
+    def _segment_lr(self, k: int, local: Steps, state: ProgramState) -> Matrix:
+        child = self.kids[k]
+        if self.starts[k] == 0:
+            # Active at step 0: torch runs its initial step (SequentialLR reset the lr to the
+            # base first), so it behaves exactly as a standalone scheduler.
+            return child.lr(local, state)
+        restart = child.restart_map(state)
+        if restart is None:
+            return child.restart_lr(local, state)
+        # A restart that keeps the previous lr (MultiplicativeLR): scan the segment from the
+        # value the sequence had just before the milestone.
+        x0 = self.lr(np.asarray([self.starts[k] - 1]), state)[:, 0]
+        steps = np.arange(0, int(local.max()) + 1, dtype=np.float64)
+        a, b = child.chain_map(steps, state)
+        a[:, :1], b[:, :1] = restart
+        values = scan_affine(a, b, x0)
+        return values[:, local.astype(np.int64)]
+
+    def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
+        t = np.asarray(t, dtype=np.float64)
+        idx, local = self._segments(t)
+        a = np.empty((self.n_groups, len(t)))
+        b = np.empty((self.n_groups, len(t)))
+        for k in np.unique(idx):
+            mask = idx == k
+            child = self.kids[int(k)]
+            ak, bk = child.chain_map(local[mask], state)
+            a[:, mask], b[:, mask] = ak, bk
+            at0 = np.nonzero(mask & (local == 0))[0]
+            if len(at0) == 0:
+                continue
+            if self.starts[k] == 0:
+                # SequentialLR's constructor resets the lr to the base, then the child's
+                # initial step runs: absolute.
+                a0, b0 = child.chain_map(np.zeros(1), state)
+                a[:, at0], b[:, at0] = 0.0, a0 * self.base + b0
+            else:
+                restart = child.restart_map(state)
+                if restart is None:
+                    a[:, at0] = 0.0
+                    b[:, at0] = child.restart_lr(np.zeros(1), state)
+                else:
+                    a[:, at0], b[:, at0] = restart
+        return a, b
+
+    def momentum(self, t: Steps, state: ProgramState) -> Matrix | None:
+        cycled = [_has_momentum(c, state) for c in self.kids]
+        if not any(cycled):
+            return None
+        t = np.asarray(t, dtype=np.float64)
+        idx, local = self._segments(t)
+        out = np.empty((self.n_groups, len(t)))
+        for k in np.unique(idx):
+            mask = idx == k
+            if cycled[int(k)]:
+                values = self.kids[int(k)].momentum(local[mask], state)
+                assert values is not None
+                out[:, mask] = values
+            else:
+                out[:, mask] = self._held_momentum(int(k), cycled, state)
+        return out
+
+    def _held_momentum(self, k: int, cycled: list[bool], state: ProgramState) -> Matrix:
+        """torch leaves momentum alone while a non-cycling child runs: it keeps the last value
+        written, i.e. the value just before the segment, or at the start the value the last
+        momentum-cycling child's constructor wrote (its own step 0)."""
+        if self.starts[k] > 0:
+            before = self.momentum(np.asarray([self.starts[k] - 1]), state)
+            assert before is not None
+            return before
+        last = max(i for i, c in enumerate(cycled) if c)
+        values = self.kids[last].momentum(np.zeros(1), state)
+        assert values is not None
+        return values
+
+
+# --------------------------------------------------------------------------------------------
+# ChainedScheduler
+
+
+class ChainedScheduler(ScheduleNode):
+    """``torch.optim.lr_scheduler.ChainedScheduler``: every child steps on the same lr."""
+
+    type: Literal["ChainedScheduler"]
+    schedulers: list[AnySchedule] = Field(min_length=1, max_length=MAX_CHILDREN)
+
+    def compile(self, ctx: CompileContext) -> Curve:
+        children = [
+            child.compile(ctx.child("schedulers", i)) for i, child in enumerate(self.schedulers)
+        ]
+        return _ChainedCurve(ctx, children)
+
+
+class _ChainedCurve(Curve):
+    def __init__(self, ctx: CompileContext, children: list[Curve]) -> None:
+        self.n_groups = ctx.n_groups
+        self.loc = ctx.loc
+        self.base = ctx.base.lr.reshape(-1, 1)
+        self.kids = children
+        self.horizon = min(c.mult_horizon() for c in children)
+        self.stateless = not any(True for _ in self.metric_nodes())
+        # Scan checkpoints (value at the end of each chunk) when values do not depend on
+        # state, so that later windows do not rescan from step 0.
+        self._checkpoints: dict[int, Matrix] = {}
+
+    def children(self) -> Sequence[Curve]:
+        return self.kids
+
+    def mult_horizon(self) -> int:
+        return self.horizon
+
+    def factor(self, t: Steps, state: ProgramState) -> Matrix:
+        out = np.ones((self.n_groups, len(t)))
+        for child in self.kids:
+            out = out * child.factor(t, state)
+        return out
+
+    def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
+        a, b = self.kids[0].chain_map(t, state)
+        for child in self.kids[1:]:
+            a, b = compose_maps((a, b), child.chain_map(t, state))
+        return a, b
+
+    def momentum(self, t: Steps, state: ProgramState) -> Matrix | None:
+        # Momentum cyclers (CyclicLR, OneCycleLR) write absolute values: the last one wins.
+        for child in reversed(self.kids):
+            values = child.momentum(t, state)
+            if values is not None:
+                return values
+        return None
+
+    def lr(self, t: Steps, state: ProgramState) -> Matrix:
+        t = np.asarray(t, dtype=np.float64)
+        out = np.empty((self.n_groups, len(t)))
+        if len(t) == 0:
+            return out
+        if np.any(np.floor(t) != t):
+            raise SpecError(self.loc, "ChainedScheduler steps only at whole steps or epochs")
+        fast = t < self.horizon
+        if fast.any():
+            out[:, fast] = self.base * self.factor(t[fast], state)
+        if fast.all():
+            return out
+        slow = np.nonzero(~fast)[0]
+        order = slow[np.argsort(t[slow], kind="stable")]
+        end = int(t[order[-1]]) + 1
+        if end - self.horizon > MAX_SCAN:
+            raise SpecError(
+                self.loc,
+                f"this ChainedScheduler is recursive from step {self.horizon} (a child adds to "
+                f"the lr) and can be evaluated only up to step {self.horizon + MAX_SCAN}",
+            )
+        begin, x = self._start(self.horizon, int(t[order[0]]), state)
+        pos = 0
+        for lo in range(begin, end, _CHUNK):
+            hi = min(lo + _CHUNK, end)
+            steps = np.arange(lo, hi, dtype=np.float64)
+            a, b = self.chain_map(steps, state)
+            values = scan_affine(a, b, x)
+            x = values[:, -1]
+            if self.stateless and hi - lo == _CHUNK and (hi - self.horizon) % _CHUNK == 0:
+                self._checkpoints[hi] = x.copy()
+            stop = pos + int(np.searchsorted(t[order[pos:]], hi, side="left"))
+            if stop > pos:
+                sel = order[pos:stop]
+                out[:, sel] = values[:, t[sel].astype(np.int64) - lo]
+                pos = stop
+        return out
+
+    def _start(self, horizon: int, first: int, state: ProgramState) -> tuple[int, Matrix]:
+        """Where the scan starts and the lr just before it (from a checkpoint or the
+        closed-form product at ``horizon - 1``)."""
+        if self.stateless:
+            usable = [s for s in self._checkpoints if s <= first]
+            if usable:
+                s = max(usable)
+                return s, self._checkpoints[s]
+        if horizon == 0:
+            return 0, self.base[:, 0].copy()
+        x = self.base * self.factor(np.asarray([horizon - 1], dtype=np.float64), state)
+        return horizon, x[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Epochs wrapper
+
+
+class Epochs(ScheduleNode):
+    """A schedule written in epochs, applied per step.
+
+    ``fractional: false`` (default): the schedule advances once per ``steps_per_epoch`` steps
+    (Lightning's ``interval="epoch"``). ``fractional: true``: it is evaluated at
+    ``step / steps_per_epoch`` (timm's ``step_update``, CosineAnnealingWarmRestarts'
+    ``step(epoch + i / iters)``). Metric-driven nodes are refused inside (they react to
+    reports at steps, not epochs).
+    """
+
+    library = "lrserve"
+    type: Literal["Epochs"]
+    steps_per_epoch: PosInt
+    fractional: bool = Field(default=False, strict=True)
+    schedule: AnySchedule
+
+    def compile(self, ctx: CompileContext) -> Curve:
+        child = self.schedule.compile(ctx.child("schedule", in_epochs=True))
+        for node in child.metric_nodes():
+            raise SpecError(
+                (*ctx.loc, "schedule"),
+                f"metric-driven schedule at {node.path} cannot be inside Epochs: it reacts to "
+                "reports at steps; put the Epochs wrapper around its time-driven siblings "
+                "instead",
+            )
+        if self.fractional and _contains_chained(child):
+            raise SpecError(
+                (*ctx.loc, "fractional"),
+                "ChainedScheduler is recursive (one step at a time) and cannot take "
+                "fractional epochs; use fractional: false",
+            )
+        return _EpochsCurve(ctx, child, self.steps_per_epoch, self.fractional)
+
+
+def _contains_chained(curve: Curve) -> bool:
+    return isinstance(curve, _ChainedCurve) or any(_contains_chained(c) for c in curve.children())
+
+
+class _EpochsCurve(Curve):
+    def __init__(self, ctx: CompileContext, child: Curve, spe: int, fractional: bool) -> None:
+        self.n_groups = ctx.n_groups
+        self.child = child
+        self.spe = spe
+        self.fractional = fractional
+
+    def children(self) -> Sequence[Curve]:
+        return (self.child,)
+
+    def metric_nodes(self) -> Iterator[MetricCurve]:
+        return iter(())
+
+    def _epoch(self, t: Steps) -> Steps:
+        t = np.asarray(t, dtype=np.float64)
+        return t / self.spe if self.fractional else np.floor_divide(t, self.spe)
+
+    def lr(self, t: Steps, state: ProgramState) -> Matrix:
+        return self.child.lr(self._epoch(t), state)
+
+    def momentum(self, t: Steps, state: ProgramState) -> Matrix | None:
+        return self.child.momentum(self._epoch(t), state)
+
+    def restart_lr(self, t: Steps, state: ProgramState) -> Matrix:
+        return self.child.restart_lr(self._epoch(t), state)
+
+    def restart_map(self, state: ProgramState) -> tuple[Matrix, Matrix] | None:
+        return self.child.restart_map(state)
+
+    def mult_horizon(self) -> int:
+        if self.fractional:
+            return 0
+        return min(self.child.mult_horizon() * self.spe, MAX_STEP + 1)
+
+    def factor(self, t: Steps, state: ProgramState) -> Matrix:
+        return self.child.factor(self._epoch(t), state)
+
+    def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
+        if self.fractional:
+            return super().chain_map(t, state)
+        t = np.asarray(t, dtype=np.float64)
+        a = np.ones((self.n_groups, len(t)))
+        b = np.zeros((self.n_groups, len(t)))
+        edge = np.mod(t, self.spe) == 0
+        if edge.any():
+            a[:, edge], b[:, edge] = self.child.chain_map(t[edge] / self.spe, state)
+        return a, b
+
+
+NODES: tuple[type[ScheduleNode], ...] = (SequentialLR, ChainedScheduler, Epochs)
+
+__all__ = ["NODES", "ChainedScheduler", "Epochs", "SequentialLR"]

@@ -1,0 +1,208 @@
+"""torch's ``LambdaLR`` and ``MultiplicativeLR`` with safe string expressions for ``lr_lambda``.
+
+``lr_lambda`` is an expression in ``epoch`` (see :mod:`service.schedules.expr`), or a list
+with one expression per parameter group, as torch accepts a list of functions.
+
+- ``LambdaLR``: ``lr(t) = base * lambda(t)`` (absolute; torch's ``base_lr * lmbda(last_epoch)``).
+- ``MultiplicativeLR``: ``lr(0) = base``, ``lr(t) = lr(t-1) * lambda(t)`` for ``t >= 1``. The
+  closed form is ``base * prod(lambda(1..t))``, accumulated left to right in float64 exactly in
+  torch's order (``((base * l1) * l2) * ...``), so the values are torch's bit for bit rather
+  than an approximation that drifts with ``t``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import field_validator
+
+from .base import (
+    MAX_STEP,
+    CompileContext,
+    Curve,
+    Matrix,
+    ProgramState,
+    ScheduleNode,
+    SpecError,
+    Steps,
+)
+from .expr import Expr, ExprError, parse
+
+MULTIPLICATIVE_EXACT_STEPS = 2**26
+"""MultiplicativeLR is accumulated step by step up to this step. Beyond it a constant lambda
+continues as ``lr(L) * lambda ** (t - L)``; a lambda that depends on ``epoch`` holds ``lr(L)``
+(64M steps of one schedule is far beyond any real run; the bound keeps a query cheap)."""
+
+_CHUNK = 1 << 16
+
+
+def _check_expressions(value: str | list[str], first_epoch: int) -> str | list[str]:
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise ValueError("give one expression, or a non-empty list with one per parameter group")
+    for i, source in enumerate(items):
+        try:
+            parse(source, check_at={"epoch": float(first_epoch)})
+        except ExprError as exc:
+            prefix = f"entry {i}: " if isinstance(value, list) else ""
+            raise ValueError(f"{prefix}{exc}") from None
+    return value
+
+
+def _compile_expressions(
+    value: str | list[str], ctx: CompileContext, first_epoch: int
+) -> list[Expr]:
+    loc = (*ctx.loc, "lr_lambda")
+    if isinstance(value, list):
+        if len(value) != ctx.n_groups:
+            raise SpecError(
+                loc,
+                f"has {len(value)} expressions but the run has {ctx.n_groups} parameter group(s) "
+                f"{list(ctx.base.names)}; give one per group or a single expression",
+            )
+        sources = list(value)
+    else:
+        sources = [value] * ctx.n_groups
+    out = []
+    for i, source in enumerate(sources):
+        try:
+            out.append(parse(source, check_at={"epoch": float(first_epoch)}))
+        except ExprError as exc:  # already checked by the model; kept for direct callers
+            raise SpecError((*loc, i) if isinstance(value, list) else loc, str(exc)) from None
+    return out
+
+
+def _eval_rows(exprs: Sequence[Expr], t: Steps) -> Matrix:
+    return np.stack([e(epoch=t) for e in exprs]) if exprs else np.empty((0, len(t)))
+
+
+class LambdaCurve(Curve):
+    """``base * lambda_g(t)`` per group."""
+
+    def __init__(self, base: np.ndarray, exprs: Sequence[Expr]) -> None:
+        self.n_groups = len(exprs)
+        self.base = np.asarray(base, dtype=np.float64).reshape(-1, 1)
+        self.exprs = list(exprs)
+
+    def lr(self, t: Steps, state: ProgramState) -> Matrix:
+        t = np.asarray(t, dtype=np.float64)
+        return self.base * _eval_rows(self.exprs, t)
+
+
+class MultiplicativeCurve(Curve):
+    """``lr_t = lr_{t-1} * lambda(t)``, evaluated from cached running products."""
+
+    def __init__(self, base: np.ndarray, exprs: Sequence[Expr]) -> None:
+        self.n_groups = len(exprs)
+        self.base = np.asarray(base, dtype=np.float64)
+        self.exprs = list(exprs)
+        # _checkpoints[k] = lr at step k * _CHUNK per group (k = 0 is the base). Filled lazily;
+        # a pure function of the spec, so caching it on the curve is safe.
+        self._checkpoints: list[np.ndarray] = [self.base.copy()]
+        self._unit: MultiplicativeCurve | None = None
+
+    def _factors(self, start: int, stop: int) -> Matrix:
+        steps = np.arange(start, stop, dtype=np.float64)
+        return _eval_rows(self.exprs, steps)
+
+    def _chunk(self, k: int) -> Matrix:
+        """Values at steps ``k*_CHUNK .. (k+1)*_CHUNK`` (inclusive), shape ``(G, _CHUNK+1)``."""
+        while len(self._checkpoints) <= k:
+            j = len(self._checkpoints) - 1
+            self._checkpoints.append(self._accumulate(j)[:, -1].copy())
+        return self._accumulate(k)
+
+    def _accumulate(self, k: int) -> Matrix:
+        start = k * _CHUNK
+        factors = self._factors(start + 1, start + _CHUNK + 1)
+        seq = np.concatenate([self._checkpoints[k].reshape(-1, 1), factors], axis=1)
+        with np.errstate(all="ignore"):
+            return np.multiply.accumulate(seq, axis=1)
+
+    def lr(self, t: Steps, state: ProgramState) -> Matrix:
+        t = np.asarray(t, dtype=np.float64)
+        out = np.empty((self.n_groups, len(t)))
+        if len(t) == 0:
+            return out
+        idx = np.clip(t, 0, None)
+        capped = np.minimum(idx, MULTIPLICATIVE_EXACT_STEPS).astype(np.int64)
+        chunks = capped // _CHUNK
+        for k in np.unique(chunks):
+            sel = chunks == k
+            block = self._chunk(int(k))
+            out[:, sel] = block[:, capped[sel] - int(k) * _CHUNK]
+        beyond = idx > MULTIPLICATIVE_EXACT_STEPS
+        if beyond.any():
+            last = out[:, beyond]
+            extra = idx[beyond] - MULTIPLICATIVE_EXACT_STEPS
+            for g, e in enumerate(self.exprs):
+                if e.constant:
+                    with np.errstate(all="ignore"):
+                        last[g] = last[g] * np.power(float(e(epoch=0.0)), extra)
+            out[:, beyond] = last
+        return out
+
+    def mult_horizon(self) -> int:
+        return MAX_STEP
+
+    def factor(self, t: Steps, state: ProgramState) -> Matrix:
+        if self._unit is None:
+            self._unit = MultiplicativeCurve(np.ones(self.n_groups), self.exprs)
+        return self._unit.lr(t, state)
+
+    def restart_map(self, state: ProgramState) -> tuple[Matrix, Matrix] | None:
+        # SequentialLR restarts a child with _update_lr(0); MultiplicativeLR has no closed
+        # form, so torch computes lr * lambda(0) from the lr the previous child left.
+        a = _eval_rows(self.exprs, np.zeros(1))
+        return a, np.zeros_like(a)
+
+    def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
+        # Recursive in torch: lr_t = lr_{t-1} * lambda(t); the constructor's step (t = 0)
+        # leaves the lr as it is.
+        t = np.asarray(t, dtype=np.float64)
+        a = _eval_rows(self.exprs, t)
+        a[:, t == 0] = 1.0
+        return a, np.zeros_like(a)
+
+
+class LambdaLR(ScheduleNode):
+    """torch.optim.lr_scheduler.LambdaLR with ``lr_lambda`` as a safe expression in ``epoch``."""
+
+    type: Literal["LambdaLR"]
+    lr_lambda: str | list[str]
+    """``"0.95 ** epoch"``, or one expression per parameter group."""
+
+    library: ClassVar[str] = "torch"
+
+    @field_validator("lr_lambda")
+    @classmethod
+    def _valid_expressions(cls, value: str | list[str]) -> str | list[str]:
+        return _check_expressions(value, first_epoch=0)
+
+    def compile(self, ctx: CompileContext) -> Curve:
+        return LambdaCurve(ctx.base.lr, _compile_expressions(self.lr_lambda, ctx, 0))
+
+
+class MultiplicativeLR(ScheduleNode):
+    """torch.optim.lr_scheduler.MultiplicativeLR: ``lr_t = lr_{t-1} * lambda(t)`` for t >= 1."""
+
+    type: Literal["MultiplicativeLR"]
+    lr_lambda: str | list[str]
+    """Per-step factor as an expression in ``epoch``; first evaluated at ``epoch = 1``."""
+
+    library: ClassVar[str] = "torch"
+
+    @field_validator("lr_lambda")
+    @classmethod
+    def _valid_expressions(cls, value: str | list[str]) -> str | list[str]:
+        return _check_expressions(value, first_epoch=1)
+
+    def compile(self, ctx: CompileContext) -> Curve:
+        return MultiplicativeCurve(ctx.base.lr, _compile_expressions(self.lr_lambda, ctx, 1))
+
+
+NODES: tuple[type[ScheduleNode], ...] = (LambdaLR, MultiplicativeLR)
+
+__all__ = ["NODES", "LambdaCurve", "LambdaLR", "MultiplicativeCurve", "MultiplicativeLR"]

@@ -1,0 +1,173 @@
+"""The storage interface the run model needs, implemented by SQLite and PostgreSQL.
+
+Every mutation of a run happens inside :meth:`Store.transaction`: the run row is locked
+(``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL), read, and the new
+state, report rows and events are written before one commit. Nothing here caches mutable
+state between calls, so several processes or replicas on one database see one history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """Base class of storage failures the HTTP layer translates."""
+
+
+class StoreBusy(StoreError):
+    """The database is locked, overloaded or unreachable right now: retry later (503)."""
+
+    def __init__(self, message: str = "the database is busy", retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RunExists(StoreError):
+    """A run with this id already exists (raised inside a transaction; see create_run)."""
+
+
+def utcnow() -> str:
+    """Timestamps are ISO 8601 UTC strings with microseconds, identical on both dialects."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON for storage; non-finite floats kept (Python's json reads them back)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def loads(text: str) -> Any:
+    return json.loads(text)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
+
+    Strict JSON has no literal for them; this is the wire encoding API clients decode.
+    """
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class RunRecord:
+    """One row of ``runs``: the spec, the state and the counters, stored denormalised."""
+
+    id: str
+    spec: str
+    """Normalised spec JSON (keys sorted, defaults filled): also the idempotency key."""
+    state: str
+    """Program state JSON (plateau nodes' state)."""
+    overrides: str = "[]"
+    version: int = 1
+    step: int | None = None
+    completed_step: int | None = None
+    event_seq: int = 0
+    created_at: str = field(default_factory=utcnow)
+    updated_at: str = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    id: str
+    version: int
+    created_at: str
+    step: int | None
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    step: int
+    rank: int
+    values: str
+    """Canonical JSON of the reported values (non-finite floats as JSON NaN/Infinity)."""
+    received_at: str
+
+
+@dataclass(frozen=True)
+class EventRow:
+    seq: int
+    type: str
+    step: int | None
+    at: str
+    data: str
+
+
+class RunTx(Protocol):
+    """A run locked for writing; everything written commits together or not at all."""
+
+    run: RunRecord
+
+    def reports_at(self, step: int) -> list[ReportRow]:
+        """Every rank's report for ``step``, ordered by rank."""
+
+    def insert_report(self, report: ReportRow) -> None: ...
+
+    def add_event(self, type: str, step: int | None, data: dict[str, Any]) -> int:
+        """Append an event (its ``seq`` is the run's next one) and return its seq."""
+
+    def save(self) -> None:
+        """Write ``run`` back (state, overrides, counters, updated_at)."""
+
+
+class Store(Protocol):
+    """What the run model needs from a database."""
+
+    dialect: str
+    inline_reads: bool
+    """True when point reads never wait on a lock, so they may run on the event loop."""
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest version (safe to call concurrently)."""
+
+    def ping(self) -> None:
+        """Raise :class:`StoreBusy` unless the database answers."""
+
+    def close(self) -> None: ...
+
+    def create_run(self, record: RunRecord, event_data: dict[str, Any]) -> tuple[RunRecord, bool]:
+        """Insert ``record`` (and its ``created`` event) unless the id exists.
+
+        Returns the stored run and whether this call created it.
+        """
+
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    def list_runs(self, limit: int, after: str | None) -> list[RunSummary]:
+        """Runs ordered by id, those with an id greater than ``after``."""
+
+    def delete_run(self, run_id: str) -> bool: ...
+
+    def transaction(self, run_id: str) -> AbstractContextManager[RunTx | None]:
+        """Lock ``run_id`` for writing; yields ``None`` when the run does not exist."""
+
+    def events(self, run_id: str, after: int, limit: int) -> list[EventRow]: ...
+
+    def reports(self, run_id: str) -> list[ReportRow]:
+        """Every report of the run ordered by (step, rank)."""
+
+    def events_of_type(self, run_id: str, type: str) -> list[EventRow]: ...
+
+    def count_reports(self, run_id: str, step: int) -> int: ...
+
+    def event_at(self, run_id: str, type: str, step: int) -> EventRow | None:
+        """The latest event of ``type`` recorded for ``step``."""
+
+    def run_version(self, run_id: str) -> tuple[int, str] | None:
+        """(version, created_at) of the run: together they identify its current content."""
+
+    def completed_step(self, run_id: str) -> tuple[bool, int | None]:
+        """(exists, completed_step): the cheap read ``?wait=`` polls."""

@@ -1,0 +1,144 @@
+"""SQLite storage (the default): WAL, synchronous=NORMAL, busy_timeout, BEGIN IMMEDIATE writers.
+
+One connection per thread. Writers take the database's write lock up front with ``BEGIN
+IMMEDIATE`` so two reports never both read a run and then fail to upgrade their lock; a
+writer that still cannot get the lock within ``busy_timeout`` becomes :class:`StoreBusy`
+(503 + Retry-After). Several uvicorn workers may share one file: SQLite's own lock is the
+only serialisation, nothing process-local.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from service.store.base import RunRecord, StoreBusy, StoreError
+from service.store.sql import SqlStore
+
+_BUSY_MARKERS = ("locked", "busy")
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///./x.db`` -> ``./x.db``; ``sqlite:////abs/x.db`` -> ``/abs/x.db``."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ValueError(
+            f"not a sqlite URL: {url!r} (expected sqlite:///relative.db or sqlite:////abs.db)"
+        )
+    path = url[len(prefix) :]
+    if path == ":memory:":
+        raise ValueError("an in-memory SQLite database cannot be shared by connections")
+    return path
+
+
+class SqliteStore(SqlStore):
+    dialect = "sqlite"
+    # A WAL reader never waits for the writer: a point read costs a few microseconds.
+    inline_reads = True
+
+    def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
+        self.path = sqlite_path(url)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"the directory of the SQLite database does not exist: {parent}")
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # only so close() may close it from another thread
+                timeout=self.busy_timeout_ms / 1000,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if any(m in text for m in _BUSY_MARKERS):
+                raise StoreBusy("the SQLite database is locked by another writer") from exc
+            raise StoreBusy(f"the SQLite database is unavailable: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"SQLite error: {exc}") from exc
+
+    @contextmanager
+    def read_conn(self) -> Iterator[sqlite3.Connection]:
+        yield self._connection()
+
+    @contextmanager
+    def write_conn(self) -> Iterator[sqlite3.Connection]:
+        # The threads of this process queue on a Python lock first: SQLite's busy handler polls
+        # with sleeps of up to 100 ms, which under a pool of writer threads turned into a p99 of
+        # 600 ms and a fifth of the throughput (bench/bench_http.py). BEGIN IMMEDIATE still
+        # serialises writers of other processes on the database itself.
+        if not self._write_lock.acquire(timeout=self.busy_timeout_ms / 1000):
+            raise StoreBusy("the SQLite database is locked by another writer")
+        try:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            self._write_lock.release()
+
+    def insert_run_if_absent(self, conn: Any, record: RunRecord) -> bool:
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO runs (id, spec, state, overrides, version, step, "
+            "completed_step, event_seq, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.spec,
+                record.state,
+                record.overrides,
+                record.version,
+                record.step,
+                record.completed_step,
+                record.event_seq,
+                record.created_at,
+                record.updated_at,
+            ),
+        )
+        return bool(cur.rowcount)
+
+    def migrate(self) -> None:
+        with self.errors():
+            conn = self._connection()
+            # WAL is a property of the file: set it once, outside any transaction.
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":  # pragma: no cover
+                raise StoreError(f"could not switch {self.path} to WAL mode")
+            with self.write_conn() as wconn:
+                self.apply_migrations(wconn)
+
+    def close(self) -> None:
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):  # best effort at shutdown
+                conn.close()

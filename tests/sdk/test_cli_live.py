@@ -1,0 +1,194 @@
+"""The ``lrserve`` command against the real server: every subcommand, --json and tables.
+
+Values are checked against torch's schedulers; ``--png`` must write a real PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lrserve
+import pytest
+from lrserve.cli import main
+from torch.optim import lr_scheduler
+
+from ..conftest import ServerProcess
+from .conftest import sdk_env
+from .test_client_live import SPEC, sequential, torch_lrs
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(
+    capsys: pytest.CaptureFixture[str], server: ServerProcess, *argv: str
+) -> tuple[int, str, str]:
+    code = main(["--url", server.url, *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], server: ServerProcess, *argv: str) -> Any:
+    code, out, err = cli(capsys, server, "--json", *argv)
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture
+def run_server(live_server: ServerProcess) -> ServerProcess:
+    with lrserve.Client(live_server.url) as client:
+        client.create_run("cli-run", SPEC)
+    return live_server
+
+
+def test_runs_and_show(capsys: pytest.CaptureFixture[str], run_server: ServerProcess) -> None:
+    code, out, _ = cli(capsys, run_server, "runs")
+    assert code == 0
+    header, row = out.splitlines()[:2]
+    assert header.split() == ["id", "version", "step", "created_at"]
+    assert row.split()[:3] == ["cli-run", "1", "-"]
+    listed = cli_json(capsys, run_server, "runs", "--all")
+    assert [r["id"] for r in listed["runs"]] == ["cli-run"]
+
+    code, out, _ = cli(capsys, run_server, "show", "cli-run")
+    assert code == 0
+    assert out.splitlines()[0].split() == ["run", "cli-run"]
+    assert "backbone" in out and "SequentialLR" in out
+    shown = cli_json(capsys, run_server, "show", "cli-run")
+    assert shown["id"] == "cli-run" and shown["spec"]["groups"][1]["name"] == "head"
+
+
+def test_lr_matches_torch(capsys: pytest.CaptureFixture[str], run_server: ServerProcess) -> None:
+    expected = torch_lrs(SPEC, sequential, 30)
+    got = cli_json(capsys, run_server, "lr", "cli-run", "--step", "17")
+    assert got["step"] == 17
+    assert got["groups"]["head"]["lr"] == pytest.approx(expected[17][1], rel=1e-12)
+
+    code, out, _ = cli(capsys, run_server, "lr", "cli-run", "--step", "17")
+    assert code == 0
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert out.splitlines()[1].split() == ["group", "lr", "momentum"]
+    assert float(rows["backbone"][0]) == pytest.approx(expected[17][0], rel=1e-5)
+    assert rows["head"] == [f"{expected[17][1]:.6g}", "-"]
+
+    window = cli_json(capsys, run_server, "lr", "cli-run", "--start", "3", "--count", "20")
+    assert window["groups"]["backbone"]["lr"] == pytest.approx(
+        [r[0] for r in expected[3:23]], rel=1e-12
+    )
+    code, out, _ = cli(capsys, run_server, "lr", "cli-run", "--count", "30", "--rows", "4")
+    lines = out.splitlines()
+    assert lines[0].split() == ["step", "backbone.lr", "backbone.momentum", "head.lr"]
+    assert [int(line.split()[0]) for line in lines[1:5]] == [0, 10, 19, 29]
+
+
+def test_report_events_metrics(
+    capsys: pytest.CaptureFixture[str], run_server: ServerProcess
+) -> None:
+    expected = torch_lrs(SPEC, sequential, 30)
+    code, out, err = cli(capsys, run_server, "report", "cli-run", "--step", "4", "loss=0.25")
+    assert code == 0, err
+    assert "complete        yes" in out and "values from step 5" in out
+    result = cli_json(capsys, run_server, "report", "cli-run", "acc=0.5", "--step", "5", "loss=nan")
+    assert result["complete"] and result["applies_from"] == 6
+    assert result["groups"]["head"]["lr"] == pytest.approx(expected[6][1], rel=1e-12)
+
+    history = cli_json(capsys, run_server, "metrics", "cli-run", "loss")
+    assert history["points"][0]["value"] == 0.25
+    events = cli_json(capsys, run_server, "events", "cli-run")["events"]
+    assert events[0]["type"] == "created"
+    code, out, _ = cli(capsys, run_server, "events", "cli-run")
+    assert out.splitlines()[0].split() == ["seq", "type", "step", "at", "data"]
+    assert out.splitlines()[1].split()[:2] == ["1", "created"]
+
+    # A conflicting report: exit 1 with the server's explanation.
+    code, _, err = cli(capsys, run_server, "report", "cli-run", "--step", "4", "loss=9")
+    assert code == 1 and "409" in err
+
+
+def test_create_override_delete(
+    capsys: pytest.CaptureFixture[str], live_server: ServerProcess, tmp_path: Path
+) -> None:
+    spec_file = tmp_path / "run.json"
+    spec_file.write_text(json.dumps(SPEC))
+    made = cli_json(capsys, live_server, "create", "c2", str(spec_file))
+    assert made["created"] is True
+    assert cli_json(capsys, live_server, "create", "c2", str(spec_file))["created"] is False
+    run = cli_json(
+        capsys, live_server, "override", "c2", "--from-step", "3", "--set", "0.02",
+        "--group", "head", "--note", "manual",
+    )  # fmt: skip
+    assert run["overrides"][-1]["value"] == 0.02
+    assert cli_json(capsys, live_server, "lr", "c2", "--step", "3")["groups"]["head"]["lr"] == 0.02
+    code, out, _ = cli(capsys, live_server, "delete", "c2")
+    assert code == 0 and "deleted c2" in out
+    code, _, err = cli(capsys, live_server, "show", "c2")
+    assert code == 1 and "c2" in err
+    assert cli(capsys, live_server, "delete", "c2", "--missing-ok")[0] == 0
+
+
+def test_preview_against_torch_with_png(
+    capsys: pytest.CaptureFixture[str], live_server: ServerProcess, tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    spec = {
+        "groups": [{"name": "g", "lr": 0.1, "momentum": 0.95}],
+        "schedule": {"type": "OneCycleLR", "max_lr": 0.1, "total_steps": 200},
+    }
+    spec_file = tmp_path / "onecycle.json"
+    spec_file.write_text(json.dumps(spec))
+    expected = torch_lrs(
+        spec, lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=200), 200
+    )
+    png = tmp_path / "onecycle.png"
+    code, out, err = cli(
+        capsys, live_server, "preview", str(spec_file), "--steps", "200", "--png", str(png)
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["step", "g.lr", "g.momentum"]
+    for line in lines[1:21]:
+        step, lr = int(line.split()[0]), float(line.split()[1])
+        assert lr == pytest.approx(expected[step][0], rel=1e-5, abs=1e-12)
+    assert f"wrote {png}" in out
+    data = png.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 5000
+
+    full = cli_json(capsys, live_server, "preview", str(spec_file), "--steps", "200")
+    assert full["groups"]["g"]["lr"] == pytest.approx([r[0] for r in expected], rel=1e-12)
+
+
+def test_invalid_spec_is_exit_1_with_field_errors(
+    capsys: pytest.CaptureFixture[str], live_server: ServerProcess, tmp_path: Path
+) -> None:
+    spec_file = tmp_path / "bad.json"
+    spec_file.write_text(
+        json.dumps({"groups": [{"name": "g", "lr": 0.1}], "schedule": {"type": "Nope"}})
+    )
+    code, out, err = cli(capsys, live_server, "--json", "preview", str(spec_file))
+    assert code == 1
+    problem = json.loads(out)["error"]
+    assert problem["status"] == 422 and problem["type"] == "/problems/validation-error"
+    assert problem["errors"] and "422" in err
+
+
+def test_auth_errors(capsys: pytest.CaptureFixture[str], server_factory: Any) -> None:
+    server = server_factory(token="tok")
+    code, _, err = cli(capsys, server, "runs")
+    assert code == 1 and "401" in err
+    code, _, _ = cli(capsys, server, "--token", "tok", "runs")
+    assert code == 0
+
+
+def test_console_entry_point_and_serve_help() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lrserve", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        env=sdk_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--database" in proc.stdout and "--port" in proc.stdout

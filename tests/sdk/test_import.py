@@ -1,0 +1,87 @@
+"""``import lrserve`` needs only httpx: no FastAPI, torch, numpy or pydantic.
+
+Each check runs a fresh interpreter with an import hook that makes the server-side and
+heavy packages unimportable, as on a trainer that installed only the SDK.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from .conftest import sdk_env
+
+BLOCKER = textwrap.dedent(
+    """
+    import sys
+
+    BLOCKED = {"fastapi", "torch", "numpy", "pydantic", "starlette", "uvicorn", "service",
+               "matplotlib", "psycopg"}
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    """
+)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=sdk_env(),
+        timeout=60,
+    )
+
+
+def test_import_without_server_or_torch() -> None:
+    proc = run_python(
+        """
+        import lrserve, lrserve.cli
+        heavy = sorted(m for m in sys.modules
+                       if m.split(".")[0] in BLOCKED | {"numpy", "pydantic"})
+        assert heavy == [], heavy
+        client = lrserve.Client("http://127.0.0.1:9")
+        assert callable(client.get_lr) and issubclass(lrserve.StaleReportError, lrserve.APIError)
+        print("ok", lrserve.__version__)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok ")
+
+
+def test_the_blocker_really_blocks() -> None:
+    # Guards the test above against a hook that blocks nothing.
+    proc = run_python("import fastapi")
+    assert proc.returncode != 0 and "blocked" in proc.stderr
+
+
+def test_torch_integration_is_lazy() -> None:
+    proc = run_python(
+        """
+        import lrserve
+        try:
+            lrserve.torch
+        except ImportError as exc:
+            print("lazy", exc.name)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "lazy torch"
+
+
+def test_serve_without_the_server_extra_says_what_to_install() -> None:
+    proc = run_python(
+        """
+        from lrserve.cli import main
+        raise SystemExit(main(["serve", "--port", "1"]))
+        """
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "install lrserve[server]" in proc.stderr
