@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from anyio import CapacityLimiter, to_thread
+from anyio import to_thread
 from fastapi import Request
 
 from service.config import Settings
@@ -90,24 +90,6 @@ async def db_read(store: Store, fn: Callable[..., T], *args: Any) -> T:
     return await to_thread.run_sync(fn, *args)
 
 
-_sqlite_writer: CapacityLimiter | None = None
-
-
 async def db_write(fn: Callable[..., T], *args: Any) -> T:
-    """Writes may wait on a lock: always in a worker thread, never on the event loop.
-
-    SQLite writes of this process go through one thread at a time: the database lock lets only
-    one writer in anyway, and a pool of threads contending for it cost a fifth of the
-    throughput in GIL and lock hand-offs (bench/bench_http.py). PostgreSQL writes to different
-    runs proceed in parallel, so they keep the whole pool.
-    """
-    global _sqlite_writer
-    limiter = None
-    import os
-    if os.environ.get("H4_NOLIM") != "1" and any(getattr(a, "dialect", None) == "sqlite" for a in args) or (
-        getattr(getattr(fn, "__self__", None), "dialect", None) == "sqlite"
-    ):
-        if _sqlite_writer is None:
-            _sqlite_writer = CapacityLimiter(1)
-        limiter = _sqlite_writer
-    return await to_thread.run_sync(fn, *args, limiter=limiter)
+    """Writes may wait on a lock: always in a worker thread, never on the event loop."""
+    return await to_thread.run_sync(fn, *args)

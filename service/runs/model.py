@@ -238,15 +238,16 @@ def aggregate(
     for k, col in columns.items():
         if not col:
             out[k] = None
-            continue
-        arr = np.asarray(col, dtype=np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            if how == "mean":
-                out[k] = float(np.mean(arr))
-            elif how == "min":
-                out[k] = float(np.min(arr))
-            else:
-                out[k] = float(np.max(arr))
+        elif len(col) == 1:
+            out[k] = col[0]
+        elif how == "mean":
+            # math.fsum: exactly rounded, so the mean does not depend on the ranks' order.
+            total = math.fsum(col) if all(math.isfinite(v) for v in col) else sum(col)
+            out[k] = total / len(col)
+        elif any(math.isnan(v) for v in col):
+            out[k] = math.nan
+        else:
+            out[k] = min(col) if how == "min" else max(col)
     return out
 
 

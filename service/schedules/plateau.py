@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
@@ -60,22 +61,12 @@ from .base import (
     ProgramState,
     Real,
     ScheduleNode,
-    SpecError,
     Steps,
 )
 
 MetricName = Annotated[str, Field(min_length=1, max_length=200)]
 Factor = Annotated[float, Field(strict=True, ge=0, lt=1)]
 Vector = npt.NDArray[np.float64]
-
-
-def _refuse_in_epochs(ctx: CompileContext, type_name: str) -> None:
-    if ctx.in_epochs:
-        raise SpecError(
-            ctx.loc,
-            f"{type_name} is driven by metric reports at steps and cannot be inside an epoch "
-            "wrapper; put it outside the wrapper",
-        )
 
 
 class PlateauCurve(MetricCurve):
@@ -96,6 +87,9 @@ class PlateauCurve(MetricCurve):
         self.step_offset = ctx.step_offset
         self.base: Vector = np.asarray(ctx.base.lr, dtype=np.float64).copy()
         self.input_lr = None
+
+    def metric_nodes(self) -> Iterator[MetricCurve]:
+        yield self
 
     # -- state --------------------------------------------------------------------------
 
@@ -539,7 +533,6 @@ class ReduceLROnPlateau(ScheduleNode):
         return value
 
     def compile(self, ctx: CompileContext) -> Curve:
-        _refuse_in_epochs(ctx, self.type)
         return TorchPlateauCurve(
             ctx,
             self.metric,
@@ -576,7 +569,6 @@ class TimmPlateauLRScheduler(ScheduleNode):
     library: ClassVar[str] = "timm"
 
     def compile(self, ctx: CompileContext) -> Curve:
-        _refuse_in_epochs(ctx, self.type)
         return TimmPlateauCurve(
             ctx,
             self.metric,
@@ -636,7 +628,6 @@ class KerasReduceLROnPlateau(ScheduleNode):
         return self
 
     def compile(self, ctx: CompileContext) -> Curve:
-        _refuse_in_epochs(ctx, self.type)
         mode = self.mode if self.mode != "auto" else keras_direction(self.monitor)
         assert mode is not None  # checked by the model validator
         return KerasPlateauCurve(
@@ -677,7 +668,6 @@ class OptaxReduceOnPlateau(ScheduleNode):
         return self
 
     def compile(self, ctx: CompileContext) -> Curve:
-        _refuse_in_epochs(ctx, self.type)
         return OptaxPlateauCurve(
             ctx,
             self.metric,

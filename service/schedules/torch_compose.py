@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -219,6 +220,11 @@ class _ChainedCurve(Curve):
         self.loc = ctx.loc
         self.base = ctx.base.lr.reshape(-1, 1)
         self.kids = children
+        # A metric-driven child decides on the chain's value just before it (torch's
+        # ReduceLROnPlateau.step() run at that place in the chain): MetricCurve.input_lr.
+        for k, kid in enumerate(children):
+            if isinstance(kid, MetricCurve):
+                kid.input_lr = partial(self._value_before, k)
         self.horizon = min(c.mult_horizon() for c in children)
         self.stateless = not any(True for _ in self.metric_nodes())
         # Scan checkpoints (value at the end of each chunk) when values do not depend on
@@ -230,6 +236,17 @@ class _ChainedCurve(Curve):
 
     def mult_horizon(self) -> int:
         return self.horizon
+
+    def _value_before(self, k: int, t: Steps, state: ProgramState) -> Matrix:
+        """The chain's lr at steps ``t`` after step ``t - 1`` and the maps of children
+        ``0..k-1`` at ``t`` (the base before step 0): ``MetricCurve.input_lr`` of child k."""
+        t = np.asarray(t, dtype=np.float64)
+        prev = self.lr(np.maximum(t - 1, 0), state)
+        x = np.where(t[None, :] > 0, prev, self.base)
+        for kid in self.kids[:k]:
+            a, b = kid.chain_map(t, state)
+            x = a * x + b
+        return x
 
     def factor(self, t: Steps, state: ProgramState) -> Matrix:
         out = np.ones((self.n_groups, len(t)))

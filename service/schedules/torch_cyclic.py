@@ -84,6 +84,9 @@ class CyclicCurve(Curve):
         self.gamma = gamma
         self.base_momentum = base_momentum
         self.max_momentum = max_momentum
+        # torch's constructor sets lr = base_lr and then group.setdefault("initial_lr", lr):
+        # schedulers constructed after it (and SequentialLR's reset) see base_lr as the base.
+        self.initial_lr_effect: tuple[str, Matrix] = ("setdefault", base_lr[:, 0].copy())
 
     def _scale_fn(self, x: Steps) -> Steps:
         if isinstance(self.scale, Expr):
@@ -208,6 +211,12 @@ class OneCycleCurve(Curve):
         self.total_steps = total_steps
         self.anneal = anneal
         self.cycle_momentum = cycle_momentum
+        # torch's constructor overwrites group["initial_lr"] = max_lr / div_factor, the base
+        # every scheduler constructed after it (and SequentialLR's reset) then uses.
+        self.initial_lr_effect: tuple[str, Matrix] = (
+            "overwrite",
+            endpoints["initial_lr"][:, 0].copy(),
+        )
         # torch divides by zero at t == total_steps when the last phase has zero length.
         last_start = phases[-2][0] if len(phases) > 1 else 0.0
         self.last_defined = total_steps if phases[-1][0] != last_start else total_steps - 1

@@ -63,7 +63,9 @@ class SqliteStore(SqlStore):
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
+            # Children are deleted explicitly with their run (see delete_run), so the
+            # per-insert foreign-key lookups would only cost time on every report.
+            conn.execute("PRAGMA foreign_keys = OFF")
             self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)

@@ -18,7 +18,7 @@ CREATE TABLE reports (
     "values" TEXT NOT NULL,
     received_at TEXT NOT NULL,
     PRIMARY KEY (run_id, step, rank)
-);
+) WITHOUT ROWID;
 CREATE TABLE events (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -27,5 +27,5 @@ CREATE TABLE events (
     at TEXT NOT NULL,
     data TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
-);
+) WITHOUT ROWID;
 CREATE INDEX events_by_type ON events (run_id, type, step);

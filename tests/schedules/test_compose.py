@@ -22,7 +22,12 @@ gamma = st.floats(0.5, 1.0)
 
 
 def leaf(horizon: int) -> st.SearchStrategy[dict[str, Any]]:
-    """A random time-driven torch scheduler with horizons up to ``horizon``."""
+    """A random time-driven torch scheduler with horizons up to ``horizon``.
+
+    LinearLR / PolynomialLR get ``total_iters >= 1``: with 0, torch's closed form divides by
+    zero when SequentialLR restarts them (ZeroDivisionError); standalone 0 is tested in
+    test_torch_basic.
+    """
     h = st.integers(0, horizon)
     pos = st.integers(1, max(1, horizon))
     return st.one_of(
@@ -46,12 +51,12 @@ def leaf(horizon: int) -> st.SearchStrategy[dict[str, Any]]:
             },
             st.floats(0.01, 1.0),
             st.floats(0.0, 1.0),
-            h,
+            pos,
         ),
         st.builds(lambda g: {"type": "ExponentialLR", "gamma": g}, st.floats(0.999, 1.0)),
         st.builds(
             lambda t, p: {"type": "PolynomialLR", "total_iters": t, "power": p},
-            h,
+            pos,
             st.floats(0.0, 3.0),
         ),
         st.builds(lambda t: {"type": "CosineAnnealingLR", "T_max": t}, pos),
@@ -82,12 +87,31 @@ def evaluate(schedule: dict[str, Any], lrs: list[float], start: int, count: int)
     return np.stack([values[f"g{i}"]["lr"] for i in range(len(lrs))])
 
 
+def cosine_noise(node: Any) -> float:
+    """Absolute floor for torch's own rounding noise in CosineAnnealingLR's recursion with
+    ``eta_min > 0`` (see test_torch_basic.cosine_noise): ``8 eps eta_min (1 + (2 T_max)^2)``,
+    the largest over the spec's CosineAnnealingLR nodes; 1e-300 when there are none."""
+    floor = 1e-300
+    if isinstance(node, dict):
+        if node.get("type") == "CosineAnnealingLR":
+            eta, t_max = node.get("eta_min", 0.0), node["T_max"]
+            floor = max(floor, 8 * np.finfo(float).eps * eta * (1 + (2 * t_max) ** 2))
+        for value in node.values():
+            floor = max(floor, cosine_noise(value))
+    elif isinstance(node, list):
+        for value in node:
+            floor = max(floor, cosine_noise(value))
+    return floor
+
+
 def check(schedule: dict[str, Any], lrs: list[float], n: int = N, rtol: float = 1e-12) -> None:
     theirs, _ = torch_values(schedule, lrs, n)
-    assert_matches(evaluate(schedule, lrs, 0, n), theirs, rtol=rtol, what=str(schedule))
+    atol = cosine_noise(schedule)
+    ours = evaluate(schedule, lrs, 0, n)
+    assert_matches(ours, theirs, rtol=rtol, atol=atol, what=str(schedule))
     start, count = (2 * n) // 3, n // 4
     window = evaluate(schedule, lrs, start, count)
-    assert_matches(window, theirs[:, start : start + count], rtol=rtol, what="window")
+    assert_matches(window, theirs[:, start : start + count], rtol=rtol, atol=atol, what="window")
 
 
 @st.composite
@@ -150,8 +174,9 @@ def test_chained_inside_sequential_after_the_first(
     ours = evaluate(schedule, lrs, 0, N)
     standalone, _ = torch_values(inner, lrs, N - milestone)
     head, _ = torch_values(first, lrs, milestone)
-    assert_matches(ours[:, :milestone], head)
-    assert_matches(ours[:, milestone:], standalone)
+    atol = cosine_noise(schedule)
+    assert_matches(ours[:, :milestone], head, atol=atol)
+    assert_matches(ours[:, milestone:], standalone, atol=atol)
 
 
 def test_nested_sequential_uses_local_time() -> None:
@@ -284,7 +309,13 @@ def test_chained_fast_path_equals_scan() -> None:
 @pytest.mark.parametrize("betas", [False, True])
 def test_momentum_across_segments(betas: bool) -> None:
     """torch leaves momentum alone while a non-cycling child runs: before OneCycleLR's segment
-    it holds what OneCycleLR's constructor wrote, after it the last cycled value."""
+    it holds what OneCycleLR's constructor wrote, after it the last cycled value.
+
+    The lr is compared on OneCycleLR's own segment only: torch's OneCycleLR constructor
+    overwrites every group's ``initial_lr`` (with max_lr / div_factor), which changes the
+    base of the other children (what SequentialLR resets to, and the base of children built
+    after it). lrserve gives every child the group's own base (documented difference).
+    """
     schedule = {
         "type": "SequentialLR",
         "schedulers": [
@@ -306,7 +337,8 @@ def test_momentum_across_segments(betas: bool) -> None:
     values = program.evaluate({}, 0, 400)
     field = "beta1" if betas else "momentum"
     assert program.fields["g0"] == ("lr", field)
-    assert_matches(np.stack([values[f"g{i}"]["lr"] for i in range(2)]), theirs_lr)
+    ours_lr = np.stack([values[f"g{i}"]["lr"] for i in range(2)])
+    assert_matches(ours_lr[:, 100:250], theirs_lr[:, 100:250])
     ours_mom = np.stack([values[f"g{i}"][field] for i in range(2)])
     assert_matches(ours_mom, theirs_mom, what=field)
 

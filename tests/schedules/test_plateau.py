@@ -207,8 +207,6 @@ def test_rop_refusals() -> None:
     )
     with pytest.raises(SpecError, match="3 entries but the run has 2"):
         node.compile(_ctx([1.0, 1.0]))
-    with pytest.raises(SpecError, match="epoch wrapper"):
-        node.compile(_ctx([1.0, 1.0, 1.0], in_epochs=True))
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import warnings
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,6 +28,8 @@ from service.schedules import Program, ScheduleSpec
 from tests.schedules.conftest import assert_matches, make_optimizer
 
 sched_mod = torch.optim.lr_scheduler
+# torch's "lr_scheduler.step() before optimizer.step()" warning: no optimizer steps here.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 EXAMPLES = settings(max_examples=60, deadline=None)
 
 

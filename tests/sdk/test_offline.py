@@ -72,6 +72,7 @@ def test_kill_and_restart_mid_training_loses_nothing(live_server: Any, server_fa
     assert sorted(p["step"] for p in points) == reported  # the reports made while down arrived
 
 
+@pytest.mark.filterwarnings("ignore::lrserve.torch.LRServeOfflineWarning")
 def test_values_beyond_the_window_are_held_and_strict_raises(live_server: Any) -> None:
     spec = {"schedule": {"type": "ExponentialLR", "gamma": 0.5}}
     lenient = RemoteScheduler(
@@ -99,6 +100,7 @@ def test_values_beyond_the_window_are_held_and_strict_raises(live_server: Any) -
     strict.close()
 
 
+@pytest.mark.filterwarnings("ignore::lrserve.torch.LRServeOfflineWarning")
 def test_starting_while_the_service_is_down(server_factory: Any) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

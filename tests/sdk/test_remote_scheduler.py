@@ -187,3 +187,35 @@ def test_param_groups_replaced_by_optimizer_load_state_dict(live_server: Any) ->
             ref_opt.step()
             ref.step()
         assert_same(hyper(opt), hyper(ref_opt), "after reload")
+
+
+def test_scheduled_weight_decay_is_applied(live_server: Any) -> None:
+    wd_node = {"type": "CosineAnnealingLR", "T_max": 100, "eta_min": 0.001}
+
+    def adamw() -> torch.optim.AdamW:
+        a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        return torch.optim.AdamW(
+            [
+                {"params": a.parameters(), "lr": 1e-3, "weight_decay": 0.1},
+                {"params": b.parameters(), "lr": 1e-2},
+            ]
+        )
+
+    opt = adamw()
+    spec = {"schedule": WARMUP_COSINE, "param_schedules": {"weight_decay": wd_node}}
+    # The oracle for weight decay: torch's scheduler on a stand-in whose "lr" is the decay.
+    wd_ref_opt = torch.optim.SGD(
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": g["weight_decay"]}
+            for g in opt.param_groups
+        ]
+    )
+    wd_ref = torch_scheduler(wd_ref_opt, wd_node)
+    with RemoteScheduler(opt, "weight-decay", url=live_server.url, spec=spec) as sched:
+        for step in range(150):
+            expected = [float(g["lr"]) for g in wd_ref_opt.param_groups]
+            actual = [g["weight_decay"] for g in opt.param_groups]
+            assert actual == pytest.approx(expected, rel=1e-12), f"step {step}"
+            wd_ref_opt.step()
+            wd_ref.step()
+            sched.step()

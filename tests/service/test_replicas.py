@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -50,7 +50,7 @@ def replicas(
 
 
 def race(
-    replicas: list[ServerProcess], calls: list[Callable[[httpx.Client], httpx.Response]]
+    replicas: list[ServerProcess], calls: Sequence[Callable[..., httpx.Response]]
 ) -> list[httpx.Response]:
     """Run ``calls[i]`` against replica ``i % 2``, all released at once; answers in call order."""
     clients = [[r.client(timeout=60) for r in replicas] for _ in calls]
