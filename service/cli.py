@@ -120,18 +120,27 @@ def serve_main(argv: list[str] | None = None) -> int:
     if not settings.auth_enabled:
         where = "on loopback only" if settings.host in LOOPBACK_HOSTS else f"on {settings.host}"
         log.warning(
-            '{"event": "unauthenticated", "msg": "no token configured: serving without '
-            'authentication %s"}',
-            where,
+            "unauthenticated",
+            extra={
+                "fields": {
+                    "event": "unauthenticated",
+                    "msg": f"no token configured: serving without authentication {where}",
+                }
+            },
         )
     # Workers are separate processes: hand them the parsed settings via the environment.
     os.environ.update(settings.to_env())
     log.info(
-        '{"event": "starting", "host": "%s", "port": %d, "workers": %d, "database": "%s"}',
-        settings.host,
-        settings.port,
-        settings.workers,
-        settings.database.split("://", 1)[0],
+        "starting",
+        extra={
+            "fields": {
+                "event": "starting",
+                "host": settings.host,
+                "port": settings.port,
+                "workers": settings.workers,
+                "database": settings.database.split("://", 1)[0],
+            }
+        },
     )
     uvicorn.run(
         "service.api.app:app_from_env",

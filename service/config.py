@@ -34,7 +34,6 @@ class Settings:
     """Serve without a token on a non-loopback address (``--insecure-bind-all``)."""
     max_body_bytes: int = 1_048_576
     max_json_depth: int = 64
-    max_window: int = 100_000
     max_curve_span: int = 10_000_000
     max_wait_seconds: float = 300.0
     busy_timeout_ms: int = 5_000

@@ -30,7 +30,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await to_thread.run_sync(store_holder.open)
         except Exception as exc:
             # Keep serving: /readyz says 503 and requests retry the migration lazily.
-            log.error('{"event": "store_unavailable", "error": "%s"}', type(exc).__name__)
+            log.error(
+                "store unavailable",
+                extra={"fields": {"event": "store_unavailable", "error": type(exc).__name__}},
+            )
         try:
             yield
         finally:
@@ -46,11 +49,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store_holder = store_holder
     install_handlers(app)
 
-    app.include_router(health.router)
     # Without a token there is nothing to check: no per-request dependency at all.
     v1_deps = [Depends(require_token)] if settings.auth_enabled else []
-    for module in (runs, lr, metrics, inspect, preview, overrides):
+    # Routes are matched in order: the two hot paths (trainers) first.
+    for module in (lr, metrics, runs, inspect, preview, overrides):
         app.include_router(module.router, dependencies=v1_deps)
+    app.include_router(health.router)
 
     app.add_middleware(
         LimitsMiddleware,

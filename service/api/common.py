@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
@@ -82,6 +84,42 @@ def etag_matches(if_none_match: str | None, version: int) -> bool:
         if c == "*" or c == tag or c.removeprefix("W/") == tag:
             return True
     return False
+
+
+_RUN_ID = re.compile(RUN_ID_PATTERN)
+
+
+def path_run_id(request: Request) -> str:
+    """The ``run_id`` path parameter, checked by hand (hot paths skip FastAPI's params)."""
+    run_id: str = request.path_params["run_id"]
+    if not _RUN_ID.match(run_id):
+        raise validation_error(["path", "run_id"], f"must match {RUN_ID_PATTERN}")
+    return run_id
+
+
+def query_number(request: Request, name: str, low: float, high: float) -> float | None:
+    """A numeric query parameter in ``[low, high]``, or None when absent."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:  # also refuses nan
+        raise validation_error(["query", name], f"must be a number between {low:g} and {high:g}")
+    return value
+
+
+def param_doc(name: str, where: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """One OpenAPI parameter (for endpoints that read their parameters by hand)."""
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "description": description,
+        "schema": schema,
+    }
 
 
 async def parse_json_body(request: Request, model: type[M]) -> M:

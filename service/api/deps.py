@@ -12,6 +12,7 @@ from fastapi import Request
 
 from service.config import Settings
 from service.store import Store, StoreBusy
+from service.store.base import WouldBlock
 
 log = logging.getLogger("lrserve.store")
 T = TypeVar("T")
@@ -45,7 +46,10 @@ class StoreHolder:
                     candidate.close()
                     raise
                 self._store = candidate
-                log.info('{"event": "store_ready", "dialect": "%s"}', candidate.dialect)
+                log.info(
+                    "store ready",
+                    extra={"fields": {"event": "store_ready", "dialect": candidate.dialect}},
+                )
             return self._store
 
     @property
@@ -90,6 +94,17 @@ async def db_read(store: Store, fn: Callable[..., T], *args: Any) -> T:
     return await to_thread.run_sync(fn, *args)
 
 
-async def db_write(fn: Callable[..., T], *args: Any) -> T:
-    """Writes may wait on a lock: always in a worker thread, never on the event loop."""
+async def db_write(store: Store, fn: Callable[..., T], *args: Any) -> T:
+    """Run a write without ever waiting for a lock on the event loop.
+
+    Where the store can fail fast (SQLite), the write is tried inline first; if the lock is
+    taken it raised :class:`WouldBlock` before writing anything, and the same call is made
+    again in a worker thread, where waiting is harmless.
+    """
+    if store.inline_writes:
+        try:
+            with store.nowait():
+                return fn(*args)
+        except WouldBlock:
+            pass
     return await to_thread.run_sync(fn, *args)

@@ -6,7 +6,6 @@ before it can cost memory or hit the JSON parser's recursion limit (which would 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -140,14 +139,4 @@ class ObservabilityMiddleware:
             method = scope["method"]
             observability.observe_request(method, template, status, duration)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info(
-                    json.dumps(
-                        {
-                            "event": "request",
-                            "method": method,
-                            "path": template,
-                            "status": status,
-                            "duration_ms": round(duration * 1000, 3),
-                        }
-                    )
-                )
+                observability.access_line(method, template, status, duration)

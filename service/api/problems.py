@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.schedules import SpecError
 from service.store import StoreBusy, StoreError
 
 log = logging.getLogger("lrserve.errors")
@@ -140,6 +141,19 @@ def install_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
         return problem_response(exc.status_code, slug, title, detail, None, exc.headers)
+
+    @app.exception_handler(SpecError)
+    async def _spec(request: Request, exc: SpecError) -> Response:
+        # Routers translate SpecError with the request's own location; this catches the rest
+        # (e.g. a window reaching past the largest exact step) as the client's problem.
+        loc = [str(p) if not isinstance(p, (str, int)) else p for p in exc.loc]
+        return problem_response(
+            422,
+            "validation-error",
+            "Validation error",
+            f"{'.'.join(str(p) for p in loc)}: {exc.msg}",
+            [{"loc": loc, "msg": exc.msg}],
+        )
 
     @app.exception_handler(StoreBusy)
     async def _busy(request: Request, exc: StoreBusy) -> Response:

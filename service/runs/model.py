@@ -74,7 +74,8 @@ class ReportIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    step: int = Field(ge=0, le=MAX_STEP)
+    # The answer evaluates step + 1, which must stay an exact float64 step.
+    step: int = Field(ge=0, le=MAX_STEP - 2)
     rank: int = Field(0, ge=0, le=4095)
     values: dict[MetricName, MetricValue] = Field(max_length=MAX_METRICS_PER_REPORT)
 
@@ -284,21 +285,22 @@ def plan_report(
             f"rank {rank} is out of range for world_size {spec.world_size}",
             ["body", "rank"],
         )
-    for other_rank, other_text in existing:
-        if other_rank == rank:
-            if other_text == values_text:
-                ranks = len(existing)
-                return ReportPlan(
-                    duplicate=True, complete=ranks >= spec.world_size, reported_ranks=ranks
-                )
-            raise RunError(
-                "report-conflict",
-                f"rank {rank} already reported other values for step {step}",
-            )
-    if completed_step is not None and step <= completed_step:
+    mine = next((text for r, text in existing if r == rank), None)
+    if mine is not None and mine == values_text:
+        ranks = len(existing)
+        return ReportPlan(duplicate=True, complete=ranks >= spec.world_size, reported_ranks=ranks)
+    # Stale wins over a key conflict: anything but an exact duplicate for a step older than
+    # the newest completed one is refused as stale (API.md).
+    if completed_step is not None and (
+        step < completed_step or (step == completed_step and mine is None)
+    ):
         raise RunError(
             "stale-report",
             f"step {step} is older than the newest completed step {completed_step}",
+        )
+    if mine is not None:
+        raise RunError(
+            "report-conflict", f"rank {rank} already reported other values for step {step}"
         )
     ranks = len(existing) + 1
     if ranks < spec.world_size:

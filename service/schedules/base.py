@@ -100,6 +100,8 @@ class CompileContext:
     """Inside an epoch wrapper: time is epochs, not steps (metric nodes are refused there)."""
     depth: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    """Free-form flags for descendants. ``"fractional_epochs": True`` (set by a fractional
+    ``Epochs`` wrapper): ``t`` is a fractional epoch driven like torch's ``step(epoch)``."""
 
     @property
     def n_groups(self) -> int:

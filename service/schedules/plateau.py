@@ -40,7 +40,6 @@ see an improvement again) so that ``best`` always stays finite and JSON-serialis
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
@@ -200,8 +199,11 @@ class PlateauCurve(MetricCurve):
     def observe(
         self, node_state: dict[str, Any], value: float, step: int, program_state: ProgramState
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        node = copy.deepcopy(node_state) if node_state else self.initial_state()
-        node.setdefault("reductions", [])
+        # Transitions only rebind top-level scalars and append to "reductions", so a shallow
+        # copy with a fresh reductions list keeps the caller's state untouched; a deepcopy
+        # cost more than the whole rest of a report.
+        node = dict(node_state) if node_state else self.initial_state()
+        node["reductions"] = list(node.get("reductions", ()))
         outcome = self._transition(node, float(value), int(step), program_state)
         decision: dict[str, Any] = {
             "reduced": bool(outcome.get("reduced", False)),

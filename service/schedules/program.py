@@ -120,8 +120,8 @@ class ScheduleSpec(BaseModel):
     def _bounded_nesting(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
             for key in ("schedule", "group_schedules", "param_schedules"):
-                extra = 0 if key == "schedule" else 1
-                if _depth(data.get(key)) > MAX_NESTING + 1 + extra:
+                # The root node is level 1; MAX_NESTING composites may stack on it.
+                if _depth(data.get(key)) > MAX_NESTING + 1:
                     raise ValueError(f"{key}: schedules nest deeper than {MAX_NESTING} levels")
         return data
 

@@ -370,12 +370,19 @@ class CosineAnnealingWarmRestarts(ScheduleNode):
     eta_min: NonNegReal = 0.0
 
     def compile(self, ctx: CompileContext) -> Curve:
-        return _WarmRestartsCurve(ctx, self.T_0, self.T_mult, self.eta_min)
+        fractional = bool(ctx.extra.get("fractional_epochs", False))
+        return _WarmRestartsCurve(ctx, self.T_0, self.T_mult, self.eta_min, fractional)
 
 
 class _WarmRestartsCurve(Curve):
-    def __init__(self, ctx: CompileContext, t0: int, t_mult: int, eta_min: float) -> None:
+    def __init__(
+        self, ctx: CompileContext, t0: int, t_mult: int, eta_min: float, fractional: bool
+    ) -> None:
         self.n_groups = ctx.n_groups
+        # Driven by step(epoch) (inside a fractional Epochs wrapper): torch's float formula,
+        # even at whole epochs, where its log can land just below a restart (at epoch 121
+        # with T_0=1, T_mult=3 torch gives eta_min, not the restart value).
+        self.fractional = fractional
         self.base = ctx.base.lr.reshape(-1, 1)
         self.T0 = t0
         self.mult = t_mult
@@ -395,8 +402,7 @@ class _WarmRestartsCurve(Curve):
         """``(T_cur, T_i)`` as torch's ``step()`` / ``step(epoch)`` computes them."""
         if self.mult == 1:
             return np.mod(t, self.T0), np.full_like(t, float(self.T0))
-        integral = np.all(np.floor(t) == t)
-        if integral:
+        if not self.fractional:
             k = np.searchsorted(np.asarray(self.starts, dtype=np.float64), t, side="right") - 1
             start = np.asarray(self.starts, dtype=np.float64)[k]
             return t - start, self.T0 * np.power(float(self.mult), k)

@@ -341,7 +341,8 @@ class Epochs(ScheduleNode):
     schedule: AnySchedule
 
     def compile(self, ctx: CompileContext) -> Curve:
-        child = self.schedule.compile(ctx.child("schedule", in_epochs=True))
+        extra = {**ctx.extra, "fractional_epochs": self.fractional}
+        child = self.schedule.compile(ctx.child("schedule", in_epochs=True, extra=extra))
         for node in child.metric_nodes():
             raise SpecError(
                 (*ctx.loc, "schedule"),

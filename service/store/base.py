@@ -28,6 +28,10 @@ class StoreBusy(StoreError):
         self.retry_after = retry_after
 
 
+class WouldBlock(StoreBusy):
+    """A write attempted without waiting found the lock taken; nothing was written."""
+
+
 class RunExists(StoreError):
     """A run with this id already exists (raised inside a transaction; see create_run)."""
 
@@ -129,6 +133,11 @@ class Store(Protocol):
     dialect: str
     inline_reads: bool
     """True when point reads never wait on a lock, so they may run on the event loop."""
+    inline_writes: bool
+    """True when :meth:`nowait` makes a write fail fast instead of waiting for a lock."""
+
+    def nowait(self) -> AbstractContextManager[None]:
+        """Writes in this block raise :class:`WouldBlock` instead of waiting for a lock."""
 
     def migrate(self) -> None:
         """Bring the schema to the newest version (safe to call concurrently)."""
@@ -166,8 +175,8 @@ class Store(Protocol):
     def event_at(self, run_id: str, type: str, step: int) -> EventRow | None:
         """The latest event of ``type`` recorded for ``step``."""
 
-    def run_version(self, run_id: str) -> tuple[int, str] | None:
-        """(version, created_at) of the run: together they identify its current content."""
+    def run_version(self, run_id: str) -> tuple[int, str, int | None] | None:
+        """(version, created_at, step) of the run; the first two identify its content."""
 
     def completed_step(self, run_id: str) -> tuple[bool, int | None]:
         """(exists, completed_step): the cheap read ``?wait=`` polls."""

@@ -8,8 +8,9 @@ take a transaction-scoped advisory lock, so replicas starting together migrate o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import psycopg
@@ -35,6 +36,7 @@ _BUSY = (
 class PostgresStore(SqlStore):
     dialect = "postgres"
     inline_reads = False
+    inline_writes = False
     lock_suffix = " FOR UPDATE"
 
     def __init__(
@@ -56,6 +58,9 @@ class PostgresStore(SqlStore):
             },
         )
         self.pool.open(wait=False)
+
+    def nowait(self) -> AbstractContextManager[None]:  # pragma: no cover - never inline
+        return contextlib.nullcontext()
 
     def q(self, sql: str) -> str:
         return sql.replace("?", "%s")

@@ -1,6 +1,6 @@
 -- lrserve schema v1 (PostgreSQL)
 CREATE TABLE runs (
-    id TEXT PRIMARY KEY,
+    id TEXT COLLATE "C" PRIMARY KEY,
     spec TEXT NOT NULL,
     state TEXT NOT NULL,
     overrides TEXT NOT NULL DEFAULT '[]',
@@ -12,7 +12,7 @@ CREATE TABLE runs (
     updated_at TEXT NOT NULL
 );
 CREATE TABLE reports (
-    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    run_id TEXT COLLATE "C" NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     step BIGINT NOT NULL,
     rank BIGINT NOT NULL,
     "values" TEXT NOT NULL,
@@ -20,7 +20,7 @@ CREATE TABLE reports (
     PRIMARY KEY (run_id, step, rank)
 );
 CREATE TABLE events (
-    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    run_id TEXT COLLATE "C" NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     seq BIGINT NOT NULL,
     type TEXT NOT NULL,
     step BIGINT,

@@ -195,12 +195,14 @@ class SqlStore(ABC):
             ).fetchone()
         return None if row is None else _record(row)
 
-    def run_version(self, run_id: str) -> tuple[int, str] | None:
+    def run_version(self, run_id: str) -> tuple[int, str, int | None] | None:
         with self.errors(), self.read_conn() as conn:
             row = conn.execute(
-                self.q("SELECT version, created_at FROM runs WHERE id = ?"), (run_id,)
+                self.q("SELECT version, created_at, step FROM runs WHERE id = ?"), (run_id,)
             ).fetchone()
-        return None if row is None else (int(row[0]), row[1])
+        if row is None:
+            return None
+        return int(row[0]), row[1], None if row[2] is None else int(row[2])
 
     def completed_step(self, run_id: str) -> tuple[bool, int | None]:
         with self.errors(), self.read_conn() as conn:
@@ -232,6 +234,12 @@ class SqlStore(ABC):
 
     def delete_run(self, run_id: str) -> bool:
         with self.errors(), self.write_conn() as conn:
+            # Lock the run first, so a report in flight commits before its rows are deleted.
+            locked = conn.execute(
+                self.q(f"SELECT id FROM runs WHERE id = ?{self.lock_suffix}"), (run_id,)
+            ).fetchone()
+            if locked is None:
+                return False
             # Children first: nothing relies on the driver enforcing ON DELETE CASCADE.
             conn.execute(self.q("DELETE FROM reports WHERE run_id = ?"), (run_id,))
             conn.execute(self.q("DELETE FROM events WHERE run_id = ?"), (run_id,))

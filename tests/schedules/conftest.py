@@ -40,7 +40,16 @@ settings.register_profile(
 settings.register_profile(
     "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.load_profile(os.environ.get("LRSERVE_HYPOTHESIS_PROFILE", "default"))
+PROFILE = os.environ.get("LRSERVE_HYPOTHESIS_PROFILE", "default")
+settings.load_profile(PROFILE)
+EXAMPLE_SCALE = {"ci": 4, "thorough": 20}.get(PROFILE, 1)
+
+
+def examples(n: int) -> int:
+    """``max_examples`` for a test that sets its own count: scaled up by the ci/thorough
+    profiles (the default keeps the whole schedule suite well under a minute)."""
+    return n * EXAMPLE_SCALE
+
 
 sched_mod = torch.optim.lr_scheduler
 

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.schedules import MAX_NESTING, Program, ScheduleSpec, SpecError
-from tests.schedules.conftest import assert_matches, make_optimizer, run_torch, torch_values
+from tests.schedules.conftest import (
+    assert_matches,
+    examples,
+    make_optimizer,
+    run_torch,
+    torch_values,
+)
 
 N = int(os.environ.get("LRSERVE_TORCH_STEPS", "10000"))
 
@@ -122,19 +128,19 @@ def sequential(draw: st.DrawFn, n: int = N) -> dict[str, Any]:
     return {"type": "SequentialLR", "schedulers": children, "milestones": milestones}
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(lrs=bases, schedule=sequential())
 def test_sequential_lr(lrs: list[float], schedule: dict[str, Any]) -> None:
     check(schedule, lrs)
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(lrs=bases, children=st.lists(leaf(N), min_size=1, max_size=3))
 def test_chained_scheduler(lrs: list[float], children: list[dict[str, Any]]) -> None:
     check({"type": "ChainedScheduler", "schedulers": children}, lrs)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(
     lrs=bases,
     first=leaf(N // 2),
@@ -150,7 +156,7 @@ def test_sequential_inside_chained(
     check({"type": "ChainedScheduler", "schedulers": children}, lrs)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(
     lrs=bases,
     first=leaf(N // 2),
@@ -217,13 +223,13 @@ def test_chained_first_in_sequential_starts_fresh() -> None:
     np.testing.assert_allclose(evaluate(outer, [1.0], 0, 6)[0], [1, 0.5, 0.25, 1, 0.5, 0.25])
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(lrs=bases, spe=st.integers(1, 500), inner=st.one_of(leaf(N // 10), sequential(N // 10)))
 def test_epochs_boundary(lrs: list[float], spe: int, inner: dict[str, Any]) -> None:
     check({"type": "Epochs", "steps_per_epoch": spe, "schedule": inner}, lrs)
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(lrs=bases, spe=st.integers(1, 50), children=st.lists(leaf(N // 20), min_size=1, max_size=3))
 def test_epochs_boundary_chained(
     lrs: list[float], spe: int, children: list[dict[str, Any]]
@@ -232,7 +238,7 @@ def test_epochs_boundary_chained(
     check({"type": "Epochs", "steps_per_epoch": spe, "schedule": inner}, lrs)
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(
     lrs=bases,
     spe=st.integers(1, 1000),
@@ -384,7 +390,11 @@ def _spec(schedule: Any) -> dict[str, Any]:
         ({"type": "SequentialLR", "schedulers": [], "milestones": []}, "at least 1"),
         ({"type": "ChainedScheduler", "schedulers": []}, "at least 1"),
         (
-            {"type": "Epochs", "steps_per_epoch": 0, "schedule": {"type": "StepLR", "step_size": 1}},
+            {
+                "type": "Epochs",
+                "steps_per_epoch": 0,
+                "schedule": {"type": "StepLR", "step_size": 1},
+            },
             "greater than or equal to 1",
         ),
     ],
@@ -427,7 +437,10 @@ def test_fractional_chained_refused() -> None:
         "type": "Epochs",
         "steps_per_epoch": 10,
         "fractional": True,
-        "schedule": {"type": "ChainedScheduler", "schedulers": [{"type": "StepLR", "step_size": 2}]},
+        "schedule": {
+            "type": "ChainedScheduler",
+            "schedulers": [{"type": "StepLR", "step_size": 2}],
+        },
     }
     with pytest.raises(SpecError) as info:
         Program(ScheduleSpec.model_validate(_spec(schedule)))

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.schedules import Program, ScheduleSpec, SpecError
-from tests.schedules.conftest import assert_matches, torch_values
+from tests.schedules.conftest import assert_matches, examples, torch_values
 
 N = int(os.environ.get("LRSERVE_TORCH_STEPS", "10000"))
 
@@ -57,39 +57,37 @@ def check(
     assert_matches(window, theirs[:, start : start + count], rtol=rtol, atol=atol)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(lrs=bases, step_size=st.integers(1, N), gamma=unit)
 def test_step_lr(lrs: list[float], step_size: int, gamma: float) -> None:
     check({"type": "StepLR", "step_size": step_size, "gamma": gamma}, lrs)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(lrs=bases, milestones=st.lists(st.integers(0, N), max_size=12), gamma=unit)
 def test_multi_step_lr(lrs: list[float], milestones: list[int], gamma: float) -> None:
     check({"type": "MultiStepLR", "milestones": milestones, "gamma": gamma}, lrs)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(lrs=bases, factor=st.floats(1e-3, 1.0), total=horizon)
 def test_constant_lr(lrs: list[float], factor: float, total: int) -> None:
     check({"type": "ConstantLR", "factor": factor, "total_iters": total}, lrs)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(lrs=bases, start=st.floats(1e-4, 1.0), end=unit, total=horizon)
 def test_linear_lr(lrs: list[float], start: float, end: float, total: int) -> None:
-    check(
-        {"type": "LinearLR", "start_factor": start, "end_factor": end, "total_iters": total}, lrs
-    )
+    check({"type": "LinearLR", "start_factor": start, "end_factor": end, "total_iters": total}, lrs)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(lrs=bases, gamma=st.one_of(st.floats(0.999, 1.0), unit))
 def test_exponential_lr(lrs: list[float], gamma: float) -> None:
     check({"type": "ExponentialLR", "gamma": gamma}, lrs)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(lrs=bases, total=horizon, power=st.floats(0.0, 5.0))
 def test_polynomial_lr(lrs: list[float], total: int, power: float) -> None:
     check({"type": "PolynomialLR", "total_iters": total, "power": power}, lrs)
@@ -110,7 +108,7 @@ def cosine_noise(t_max: int, eta_min: float, n: int) -> np.ndarray:
     return np.maximum(1e-300, 8 * np.finfo(float).eps * eta_min * (1 + d**2))
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(
     lrs=bases,
     t_max=st.one_of(st.integers(1, 50), st.integers(1, N)),
@@ -122,7 +120,7 @@ def test_cosine_annealing_lr(lrs: list[float], t_max: int, eta_min: float) -> No
     check(schedule, lrs, atol=cosine_noise(t_max, eta_min, N))
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(
     lrs=bases,
     t0=st.one_of(st.integers(1, 20), st.integers(1, N)),

@@ -98,6 +98,12 @@ def test_exactly_once_conflict_stale(client: httpx.Client) -> None:
         409,
         "stale-report",
     )
+    # Other values for an older step: stale wins over the key conflict (API.md).
+    problem(
+        client.post(f"/v1/runs/{rid}/metrics", json={"step": 10, "values": {"val_loss": 3.0}}),
+        409,
+        "stale-report",
+    )
     # An exact duplicate of an old report is still answered, not refused as stale.
     assert client.post(
         f"/v1/runs/{rid}/metrics", json={"step": 10, "values": {"val_loss": 1.0}}
@@ -124,6 +130,8 @@ def test_report_validation(client: httpx.Client) -> None:
         {"step": "x", "values": {}},
         {"values": {}},
         {"step": 0, "values": {}, "extra": 1},
+        {"step": 2**53 - 1, "values": {}},
+        {"step": 2**64, "values": {}},
     ):
         body = problem(client.post(url, json=bad), 422, "validation-error")
         assert body["errors"], bad

@@ -118,6 +118,27 @@ def test_busy_sqlite_is_503(server_factory: Callable[..., ServerProcess], tmp_pa
         assert r.status_code == 200 and r.json()["version"] == 2
 
 
+@pytest.mark.postgres
+def test_busy_postgres_is_503(
+    server_factory: Callable[..., ServerProcess], postgres_url: str
+) -> None:
+    import psycopg
+
+    srv = server_factory(database=postgres_url, env={"LRSERVE_BUSY_TIMEOUT_MS": "300"})
+    rid = new_id()
+    with srv.client() as c:
+        assert c.put(f"/v1/runs/{rid}", json=plateau_spec()).status_code == 201
+        with psycopg.connect(postgres_url) as blocker:
+            blocker.execute("SELECT id FROM runs WHERE id = %s FOR UPDATE", (rid,))
+            r = c.post(f"/v1/runs/{rid}/metrics", json={"step": 0, "values": {"val_loss": 1.0}})
+            problem(r, 503, "database-busy")
+            assert r.headers["retry-after"].isdigit()
+            assert c.get(f"/v1/runs/{rid}/lr").status_code == 200  # readers do not wait
+            blocker.rollback()
+        r = c.post(f"/v1/runs/{rid}/metrics", json={"step": 0, "values": {"val_loss": 1.0}})
+        assert r.status_code == 200 and r.json()["version"] == 2
+
+
 def test_state_survives_restart(server_factory: Callable[..., ServerProcess], db_url: str) -> None:
     srv = server_factory(database=db_url)
     rid = new_id()

@@ -109,7 +109,8 @@ def test_get_list_delete(client: httpx.Client) -> None:
     assert client.delete(f"/v1/runs/{ids[0]}").status_code == 204
     problem(client.get(f"/v1/runs/{ids[0]}"), 404, "run-not-found")
     problem(client.delete(f"/v1/runs/{ids[0]}"), 404, "run-not-found")
-    problem(client.get(f"/v1/runs/{ids[0]}/lr"), 404, "run-not-found")
+    for sub in ("lr", "events", "curve", "metrics?name=x"):
+        problem(client.get(f"/v1/runs/{ids[0]}/{sub}"), 404, "run-not-found")
     # The id is free again, for any spec.
     assert client.put(f"/v1/runs/{ids[0]}", json=COSINE_SPEC).status_code == 201
 
@@ -151,8 +152,13 @@ def test_lr_etag_and_errors(client: httpx.Client) -> None:
         {"start": 0, "count": 0},
         {"start": 0, "count": 100_001},
         {"step": 2**60},
+        {"step": 2**53},
+        {"start": 2**53, "count": 1},
+        {"start": 2**53 - 5, "count": 10},
     ):
         problem(client.get(f"/v1/runs/{rid}/lr", params=params), 422, "validation-error")
+    edge = client.get(f"/v1/runs/{rid}/lr", params={"step": 2**53 - 1})
+    assert edge.status_code == 200 and edge.json()["groups"]["head"]["lr"] > 0
     big = client.get(f"/v1/runs/{rid}/lr", params={"start": 0, "count": 100_000})
     assert big.status_code == 200 and len(big.json()["groups"]["head"]["lr"]) == 100_000
 
@@ -247,6 +253,7 @@ def test_preview(client: httpx.Client) -> None:
     assert default["count"] == 100
     for bad in (
         {**schedule, "count": 100_001},
+        {**schedule, "start": 2**53, "count": 10},
         {**schedule, "points": 10},
         {**schedule, "points": 10, "stop": 100, "count": 5},
         {**schedule, "world_size": 2},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
@@ -76,8 +77,13 @@ async def get_curve(
     stop = check_curve_range(start, stop, default_stop, settings_of(request).max_curve_span)
     compiled = compile_spec(run.spec)
     state, overrides = json.loads(run.state), json.loads(run.overrides)
-    steps, groups = decimate(
-        lambda a, n: evaluate(compiled.program, state, overrides, a, n), start, stop, points
+    # Up to millions of steps of numpy work: off the event loop.
+    steps, groups = await to_thread.run_sync(
+        decimate,
+        lambda a, n: evaluate(compiled.program, state, overrides, a, n),
+        start,
+        stop,
+        points,
     )
     return json_response(
         {

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from service.api.common import RUN_ID_PATTERN, etag, etag_matches, json_bytes
 from service.api.deps import db_read, get_store
 from service.api.problems import run_not_found, validation_error
-from service.runs.model import at_step, compile_spec, evaluate
+from service.runs.model import Values, compile_spec, evaluate
 from service.schedules.base import MAX_STEP
 from service.store import RunRecord
 
@@ -87,75 +87,114 @@ async def get_lr(request: Request) -> Response:
     if not _RUN_ID.match(run_id):
         raise validation_error(["path", "run_id"], f"must match {RUN_ID_PATTERN}")
     query = request.query_params
-    step = _int_param(query, "step", 0, MAX_STEP)
+    step = _int_param(query, "step", 0, MAX_STEP - 1)
     start = _int_param(query, "start", 0, MAX_STEP)
     count = _int_param(query, "count", 1, MAX_WINDOW)
     if step is not None and (start is not None or count is not None):
         raise validation_error(["query", "step"], "give either step or start/count, not both")
     if count is not None and start is None:
         raise validation_error(["query", "start"], "count needs start")
+    if start is not None and start + (count or 1) > MAX_STEP:
+        raise validation_error(["query", "count"], f"start + count must be at most {MAX_STEP}")
     store = await get_store(request)
     # One cheap indexed read decides everything: (version, created_at) identifies the run's
-    # content (every change bumps version; a re-created id has a new created_at), so an
-    # answer rendered for the same key is exact. The cache only saves recomputation.
+    # content (every change bumps version; a re-created id has a new created_at), so values
+    # computed for the same key are exact. The caches below only save recomputation.
     current = await db_read(store, store.run_version, run_id)
     if current is None:
         raise run_not_found(run_id)
-    version = current[0]
-    tag = etag(version)
+    version, created_at, run_step = current
     if etag_matches(request.headers.get("if-none-match"), version):
-        return Response(status_code=304, headers={"ETag": tag})
-    key = (run_id, current[1], version, step, start, count)
-    body = _rendered.get(key)
-    if body is None:
-        body = await _render(store, run_id, key, step, start, count)
+        return Response(status_code=304, headers={"ETag": etag(version)})
+    if start is None:
+        at = step if step is not None else (run_step or 0)
+        version, body = await _one_step(store, run_id, created_at, version, at)
+    else:
+        key = (run_id, created_at, version, start, count)
+        cached = _windows.get(key)
+        if cached is None:
+            version, body = await _window(store, run_id, start, count or 1)
+        else:
+            body = cached
     return Response(
-        body, media_type="application/json", headers={"ETag": tag, "Cache-Control": "no-cache"}
+        body,
+        media_type="application/json",
+        headers={"ETag": etag(version), "Cache-Control": "no-cache"},
     )
 
 
-_rendered: dict[tuple[Any, ...], bytes] = {}
-_RENDERED_MAX = 4096
-_RENDERED_MAX_BYTES = 64 * 1024
+# Blocks of BLOCK consecutive steps, evaluated together (a block costs about what one step
+# costs): a trainer asking for step after step, and every rank asking for the same step, are
+# answered from memory until the run's version changes.
+BLOCK = 1024
+_blocks: dict[tuple[Any, ...], Values] = {}
+_blocks_bytes = 0
+_BLOCKS_MAX_BYTES = 64 * 1024 * 1024
+_windows: dict[tuple[Any, ...], bytes] = {}
+_WINDOWS_MAX = 256
+_WINDOW_MAX_BYTES = 64 * 1024
 
 
-async def _render(
-    store: Any,
-    run_id: str,
-    key: tuple[Any, ...],
-    step: int | None,
-    start: int | None,
-    count: int | None,
-) -> bytes:
+def _remember_block(key: tuple[Any, ...], values: Values) -> None:
+    global _blocks_bytes
+    size = sum(a.nbytes for fields in values.values() for a in fields.values())
+    if size > _BLOCKS_MAX_BYTES // 16:
+        return
+    if _blocks_bytes + size > _BLOCKS_MAX_BYTES:
+        _blocks.clear()  # crude bound; refilled by the next requests
+        _blocks_bytes = 0
+    _blocks[key] = values
+    _blocks_bytes += size
+
+
+async def _one_step(
+    store: Any, run_id: str, created_at: str, version: int, at: int
+) -> tuple[int, bytes]:
+    first = at - at % BLOCK
+    values = _blocks.get((run_id, created_at, version, first))
+    if values is None:
+        run = await db_read(store, store.get_run, run_id)
+        if run is None:
+            raise run_not_found(run_id)
+        compiled = compile_spec(run.spec)
+        values = evaluate(
+            compiled.program,
+            json.loads(run.state),
+            json.loads(run.overrides),
+            first,
+            min(BLOCK, MAX_STEP - first),
+        )
+        # The row may be newer than the first read: answer (and cache) what it says.
+        version = run.version
+        _remember_block((run_id, run.created_at, version, first), values)
+    i = at - first
+    groups = {g: {f: float(a[i]) for f, a in fields.items()} for g, fields in values.items()}
+    return version, json_bytes({"run": run_id, "step": at, "version": version, "groups": groups})
+
+
+async def _window(store: Any, run_id: str, start: int, count: int) -> tuple[int, bytes]:
     run = await db_read(store, store.get_run, run_id)
     if run is None:
         raise run_not_found(run_id)
-    body = _body(run, step, start, count)
-    if (run.created_at, run.version) == key[1:3] and len(body) <= _RENDERED_MAX_BYTES:
-        if len(_rendered) >= _RENDERED_MAX:
-            _rendered.clear()  # crude bound; refilled by the next requests
-        _rendered[key] = body
-    return body
+    body = _window_body(run, start, count)
+    if len(body) <= _WINDOW_MAX_BYTES:
+        if len(_windows) >= _WINDOWS_MAX:
+            _windows.clear()
+        _windows[(run_id, run.created_at, run.version, start, count)] = body
+    return run.version, body
 
 
-def _body(run: RunRecord, step: int | None, start: int | None, count: int | None) -> bytes:
+def _window_body(run: RunRecord, start: int, count: int) -> bytes:
     compiled = compile_spec(run.spec)
-    state = json.loads(run.state)
-    overrides = json.loads(run.overrides)
-    if start is not None:
-        n = count if count is not None else 1
-        values = evaluate(compiled.program, state, overrides, start, n)
-        return json_bytes(
-            {
-                "run": run.id,
-                "start": start,
-                "count": n,
-                "version": run.version,
-                "groups": {g: {f: v.tolist() for f, v in fs.items()} for g, fs in values.items()},
-            }
-        )
-    at = step if step is not None else (run.step or 0)
-    values = evaluate(compiled.program, state, overrides, at, 1)
+    values = evaluate(
+        compiled.program, json.loads(run.state), json.loads(run.overrides), start, count
+    )
     return json_bytes(
-        {"run": run.id, "step": at, "version": run.version, "groups": at_step(values)}
+        {
+            "run": run.id,
+            "start": start,
+            "count": count,
+            "version": run.version,
+            "groups": {g: {f: v.tolist() for f, v in fs.items()} for g, fs in values.items()},
+        }
     )

@@ -13,10 +13,14 @@ from starlette.responses import Response
 
 from service.api import observability
 from service.api.common import (
+    RUN_ID_PATTERN,
     RunId,
     json_body_openapi,
     json_response,
+    param_doc,
     parse_json_body,
+    path_run_id,
+    query_number,
     translate,
 )
 from service.api.deps import db_read, db_write, get_store, settings_of
@@ -54,20 +58,30 @@ def _answer(
     "/runs/{run_id}/metrics",
     summary="Report metrics for (step, rank); the answer carries the values from step + 1",
     responses={409: {"description": "report-conflict or stale-report"}},
-    openapi_extra=json_body_openapi(ReportIn),
+    openapi_extra={
+        **json_body_openapi(ReportIn),
+        "parameters": [
+            param_doc("run_id", "path", "run id", {"type": "string", "pattern": RUN_ID_PATTERN}),
+            param_doc(
+                "wait",
+                "query",
+                "seconds to hold the answer until the step completes (0..300)",
+                {"type": "number", "minimum": 0, "maximum": 300, "default": 0},
+            ),
+        ],
+    },
 )
-async def post_metrics(
-    run_id: RunId,
-    request: Request,
-    wait: Annotated[float, Query(ge=0, le=300, description="hold until the step completes")] = 0,
-) -> Response:
-    # The body is parsed by pydantic-core from bytes: FastAPI's generic body machinery costs
-    # more than the whole report transaction on this, the busiest write path.
+async def post_metrics(request: Request) -> Response:
+    # Parameters and body are read by hand and the body validated by pydantic-core from
+    # bytes: FastAPI's generic machinery costs more than the report transaction itself on
+    # this, the busiest write path. Errors are the same 422 problems.
+    run_id = path_run_id(request)
+    wait = query_number(request, "wait", 0, 300) or 0.0
     body = await parse_json_body(request, ReportIn)
     store = await get_store(request)
     try:
         result = await db_write(
-            translate, runs.report, store, run_id, body.step, body.rank, dict(body.values)
+            store, translate, runs.report, store, run_id, body.step, body.rank, dict(body.values)
         )
     except Exception:
         observability.REPORTS.labels("refused").inc()

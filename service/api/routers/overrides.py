@@ -24,5 +24,5 @@ router = APIRouter(prefix="/v1", tags=["control"])
 async def post_override(
     run_id: RunId, body: OverrideIn, store: Annotated[Store, Depends(get_store)]
 ) -> Response:
-    run = await db_write(translate, runs.add_override, store, run_id, body)
+    run = await db_write(store, translate, runs.add_override, store, run_id, body)
     return json_response(run_body(run), 201)

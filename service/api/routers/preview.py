@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from anyio import to_thread
 from fastapi import APIRouter, Request
 from pydantic import Field
 from starlette.responses import Response
@@ -53,12 +54,12 @@ async def preview(body: PreviewIn, request: Request) -> Response:
         stop = check_curve_range(
             body.start, body.stop, body.stop, settings_of(request).max_curve_span
         )
-        steps, groups = decimate(window, body.start, stop, body.points)
+        steps, groups = await to_thread.run_sync(decimate, window, body.start, stop, body.points)
         return json_response(
             {"start": body.start, "count": len(steps), "steps": steps, "groups": groups}
         )
     count = body.count if body.count is not None else 100
-    values = window(body.start, count)
+    values = await to_thread.run_sync(window, body.start, count)
     return json_response(
         {
             "start": body.start,

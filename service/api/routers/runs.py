@@ -44,7 +44,7 @@ def decode_cursor(cursor: str) -> str:
 async def put_run(
     run_id: RunId, spec: RunSpec, store: Annotated[Store, Depends(get_store)]
 ) -> Response:
-    run, created = await db_write(translate, runs.create_run, store, run_id, spec)
+    run, created = await db_write(store, translate, runs.create_run, store, run_id, spec)
     headers = {"Location": f"/v1/runs/{run_id}"} if created else None
     return json_response(run_body(run), 201 if created else 200, headers)
 
@@ -80,6 +80,6 @@ async def list_runs(
 
 @router.delete("/runs/{run_id}", status_code=204, summary="Delete a run and its history")
 async def delete_run(run_id: RunId, store: Annotated[Store, Depends(get_store)]) -> Response:
-    if not await db_write(store.delete_run, run_id):
+    if not await db_write(store, store.delete_run, run_id):
         raise run_not_found(run_id)
     return Response(status_code=204)
