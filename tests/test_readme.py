@@ -1,7 +1,6 @@
 """The README's curl walkthrough, run command by command against a live server.
 
-The walkthrough is the fenced block marked ```` ```bash walkthrough ```` in README.md (or, until
-the README has one, in docs/walkthrough.md). Each command runs with bash, with the README's
+The walkthrough is the fenced block marked ```` ```bash walkthrough ```` in README.md. Each command runs with bash, with the README's
 ``http://127.0.0.1:8000`` replaced by the live server's URL (``$LRSERVE_URL`` and
 ``$LRSERVE_TOKEN`` are set too, for a README that uses them). Every command must exit 0 and
 print JSON that is not a problem document; the answers are then checked for sense: a report's
@@ -31,13 +30,12 @@ FENCE = re.compile(r"^```bash walkthrough[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
 def walkthrough_source() -> tuple[Path, str]:
-    """The block from README.md, else from the draft in docs/walkthrough.md."""
-    for path in (ROOT / "README.md", ROOT / "docs" / "walkthrough.md"):
-        if path.exists():
-            match = FENCE.search(path.read_text())
-            if match:
-                return path, match.group(1)
-    pytest.fail("no ```bash walkthrough block in README.md or docs/walkthrough.md")
+    """The walkthrough block of README.md."""
+    path = ROOT / "README.md"
+    match = FENCE.search(path.read_text())
+    if match is None:
+        pytest.fail("README.md has no ```bash walkthrough block")
+    return path, match.group(1)
 
 
 def commands(block: str) -> list[str]:

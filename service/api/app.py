@@ -13,7 +13,7 @@ from service.api.auth import require_token
 from service.api.deps import StoreHolder
 from service.api.middleware import LimitsMiddleware, ObservabilityMiddleware
 from service.api.problems import install_handlers
-from service.api.routers import health, inspect, lr, metrics, overrides, preview, runs
+from service.api.routers import dashboard, health, inspect, lr, metrics, overrides, preview, runs
 from service.config import Settings
 
 log = logging.getLogger("lrserve.app")
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (lr, metrics, runs, inspect, preview, overrides):
         app.include_router(module.router, dependencies=v1_deps)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
 
     app.add_middleware(
         LimitsMiddleware,
