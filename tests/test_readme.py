@@ -1,11 +1,12 @@
 """The README's curl walkthrough, run command by command against a live server.
 
-The walkthrough is the fenced block marked ```` ```bash walkthrough ```` in README.md. Each command runs with bash, with the README's
-``http://127.0.0.1:8000`` replaced by the live server's URL (``$LRSERVE_URL`` and
-``$LRSERVE_TOKEN`` are set too, for a README that uses them). Every command must exit 0 and
-print JSON that is not a problem document; the answers are then checked for sense: a report's
-answer carries a decision, rates are finite numbers, every reduction a report announced shows up
-as a ``reduced`` event at its step, and the events list what happened in order.
+The walkthrough is the fenced block marked ```` ```bash walkthrough ```` in README.md. Each
+command runs with bash, with the README's ``http://127.0.0.1:8000`` replaced by the live
+server's URL (``$LRSERVE_URL`` and ``$LRSERVE_TOKEN`` are set too, for a README that uses
+them). Every command must exit 0 and print JSON that is not a problem document; the answers are
+then checked for sense: a report's answer carries a decision, rates are finite numbers, every
+reduction a report announced shows up as a ``reduced`` event at its step, and the events list
+what happened in order.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The web page: served at `/`, and it renders a run (plot, events, override form) in a real browser."""
+"""The web page: served at `/`, and it renders a run (plot, events, override form) in a browser."""
 
 from __future__ import annotations
 
