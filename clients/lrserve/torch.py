@@ -227,6 +227,7 @@ class RemoteScheduler:
                 backoff_max=0.5,
             )
 
+        startup_error: BaseException | None = None
         if self._talks:
             try:
                 self._attach()
@@ -234,14 +235,19 @@ class RemoteScheduler:
                 self._install(w)
             except _UNAVAILABLE as exc:
                 if strict:
-                    self._close_client()
-                    raise
-                self._went_offline(exc)
-            except BaseException:
+                    startup_error = exc
+                else:
+                    self._went_offline(exc)
+            except BaseException as exc:
+                startup_error = exc
+            if startup_error is not None:
                 self._close_client()
-                raise
+                if not self._collective:
+                    raise startup_error
         if self._collective:
-            self._chief_sync(0)
+            # Every rank waits in this broadcast: rank 0 must send its failure too, or the
+            # others would block here for ever.
+            self._chief_sync(0, startup_error)
         elif self._bound is not None and self._bound.window.covers(0):
             self._bound.apply(0 - self._bound.start)
         if self._talks:
@@ -452,14 +458,27 @@ class RemoteScheduler:
 
     # -- chief mode ------------------------------------------------------------------
 
-    def _chief_sync(self, s: int) -> None:
-        """Collective: rank 0 sends every rank the values from step ``s`` on."""
+    def _chief_sync(self, s: int, startup_error: BaseException | None = None) -> None:
+        """Collective: rank 0 sends every rank the values from step ``s`` on.
+
+        With ``startup_error`` (rank 0 could not attach), rank 0 sends the error instead and
+        every rank raises.
+        """
         payload: list[Any] = [None]
         if self.rank == 0:
-            w = self._chief_source(s)
-            payload[0] = (self._names, w) if w is not None else (self._names, None)
+            if startup_error is not None:
+                payload[0] = ("error", f"{type(startup_error).__name__}: {startup_error}")
+            else:
+                w = self._chief_source(s)
+                payload[0] = ("values", self._names, w)
         dist.broadcast_object_list(payload, src=0, group=self.process_group)
-        names, w = payload[0]
+        if payload[0][0] == "error":
+            if startup_error is not None:
+                raise startup_error
+            raise LRServeError(
+                f"lrserve run {self.run_id!r}: rank 0 could not attach: {payload[0][1]}"
+            )
+        _, names, w = payload[0]
         if names is not None:
             self._names = list(names)
         if w is None:

@@ -53,3 +53,33 @@ def test_every_rank_applies_the_same_values_at_every_step(
     for s in range(STEPS + 1):
         assert_same(seen[0][s], expected[s], f"step {s}")
     assert expected[STEPS][1][0] < 0.01, "the plateau must have reduced the head's rate"
+
+
+@pytest.mark.slow
+def test_chief_mode_attach_failure_reaches_every_rank(live_server: Any, tmp_path: Path) -> None:
+    """Rank 0 cannot attach (a different spec under the same run id): no rank may hang."""
+    with live_server.client() as client:
+        other = {
+            "groups": [{"name": "backbone", "lr": 0.5}, {"name": "head", "lr": 0.5}],
+            "schedule": {"type": "StepLR", "step_size": 7},
+        }
+        assert client.put("/v1/runs/ddp-conflict", json=other).status_code == 201
+    trainer(
+        {
+            "url": live_server.url,
+            "run": "ddp-conflict",
+            "spec": TWO_GROUP_SPEC,
+            "steps": 10,
+            "report_every": 5,
+            "world_size": 2,
+            "chief": True,
+            "expect_attach_error": True,
+            "out": str(tmp_path / "rank{rank}.json"),
+        },
+        timeout=120,
+    )
+    import json
+
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    assert errors[0].startswith("RunConflictError"), errors[0]
+    assert "rank 0 could not attach" in errors[1] and "RunConflictError" in errors[1], errors[1]

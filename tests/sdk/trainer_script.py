@@ -49,16 +49,26 @@ def train(rank: int, cfg: dict[str, Any]) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=cfg["init"], rank=rank, world_size=world)
     model, opt = model_and_optimizer()
-    sched = RemoteScheduler(
-        opt,
-        cfg["run"],
-        url=cfg["url"],
-        spec=cfg.get("spec"),
-        chief=bool(cfg.get("chief")),
-        window=int(cfg.get("window", 4096)),
-        sync_every=int(cfg.get("sync_every", 256)),
-        poll_interval=0.05,
-    )
+    try:
+        sched = RemoteScheduler(
+            opt,
+            cfg["run"],
+            url=cfg["url"],
+            spec=cfg.get("spec"),
+            chief=bool(cfg.get("chief")),
+            window=int(cfg.get("window", 4096)),
+            sync_every=int(cfg.get("sync_every", 256)),
+            poll_interval=0.05,
+        )
+    except Exception as exc:
+        if not cfg.get("expect_attach_error"):
+            raise
+        # Record what this rank saw; the test checks that every rank failed (none hung).
+        with open(cfg["out"].replace("{rank}", str(rank)), "w") as f:
+            json.dump({"error": f"{type(exc).__name__}: {exc}"}, f)
+        if world > 1:
+            dist.destroy_process_group()
+        return
     if cfg.get("load"):
         state = torch.load(cfg["load"], weights_only=False)
         opt.load_state_dict(state["opt"])
