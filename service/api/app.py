@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import Depends, FastAPI
 
-from service.api.auth import require_token
+from service.api.auth import check_request, require_token
+from service.api.common import HotRoute
 from service.api.deps import StoreHolder
-from service.api.middleware import LimitsMiddleware, ObservabilityMiddleware
+from service.api.middleware import RequestMiddleware
 from service.api.problems import install_handlers
 from service.api.routers import dashboard, health, inspect, lr, metrics, overrides, preview, runs
 from service.config import Settings
@@ -51,18 +52,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Without a token there is nothing to check: no per-request dependency at all.
     v1_deps = [Depends(require_token)] if settings.auth_enabled else []
-    # Routes are matched in order: the two hot paths (trainers) first.
     for module in (lr, metrics, runs, inspect, preview, overrides):
         app.include_router(module.router, dependencies=v1_deps)
     app.include_router(health.router)
     app.include_router(dashboard.router)
+    # The two hot paths, matched before everything else (see HotRoute).
+    guard = check_request if settings.auth_enabled else None
+    app.router.routes[:0] = [
+        HotRoute("/v1/runs/{run_id}/lr", lr.get_lr, "GET", guard),
+        HotRoute("/v1/runs/{run_id}/metrics", metrics.post_metrics, "POST", guard),
+    ]
 
     app.add_middleware(
-        LimitsMiddleware,
+        RequestMiddleware,
         max_body_bytes=settings.max_body_bytes,
         max_json_depth=settings.max_json_depth,
     )
-    app.add_middleware(ObservabilityMiddleware)
     return app
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Path, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError, to_json
 from starlette.responses import Response
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from service.api.problems import ApiError, run_not_found, validation_error
 from service.runs.model import RunError
@@ -41,20 +44,43 @@ _CONFLICT_TITLES = {
 
 
 def json_bytes(body: Any) -> bytes:
-    """Strict JSON (non-finite floats as "NaN"/"Infinity"/"-Infinity" strings)."""
+    """Strict JSON (non-finite floats as "NaN"/"Infinity"/"-Infinity" strings).
+
+    pydantic-core writes it (several times faster than the stdlib encoder, which matters on
+    the hot paths and for 100,000-step windows); anything it cannot encode goes the stdlib way.
+    """
     try:
-        data = json.dumps(body, allow_nan=False, separators=(",", ":"))
-    except ValueError:
-        data = json.dumps(jsonable(body), allow_nan=False, separators=(",", ":"))
-    return data.encode()
+        return to_json(body, inf_nan_mode="strings")
+    except PydanticSerializationError:
+        return json.dumps(jsonable(body), allow_nan=False, separators=(",", ":")).encode()
 
 
 def json_response(
     body: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
+    if status_code == 200 and headers is None:
+        return JsonBytesResponse(json_bytes(body))
     return Response(
         json_bytes(body), status_code=status_code, media_type="application/json", headers=headers
     )
+
+
+class JsonBytesResponse(Response):
+    """A 200 ``application/json`` answer from ready bytes, its raw headers built directly
+    (Starlette's generic header handling costs more than the rest of building the answer)."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = body
+        self.raw_headers = [
+            (b"content-length", b"%d" % len(body)),
+            (b"content-type", b"application/json"),
+        ]
+        if extra_headers:
+            self.raw_headers.extend(extra_headers)
 
 
 def run_body(run: RunRecord) -> dict[str, Any]:
@@ -99,6 +125,8 @@ def path_run_id(request: Request) -> str:
 
 def query_number(request: Request, name: str, low: float, high: float) -> float | None:
     """A numeric query parameter in ``[low, high]``, or None when absent."""
+    if not request.scope["query_string"]:
+        return None  # the common case: no query to parse at all
     raw = request.query_params.get(name)
     if raw is None:
         return None
@@ -170,3 +198,40 @@ def translate(fn: Callable[..., T], *args: Any) -> T:
             raise validation_error(exc.loc or ["body"], exc.message) from None
         title = _CONFLICT_TITLES.get(exc.kind, "Conflict")
         raise ApiError(409, exc.kind, title, exc.message) from None
+
+
+class HotRoute(Route):
+    """A plain Starlette route in front of a documented FastAPI route, for the hot paths.
+
+    ``GET .../lr`` and ``POST .../metrics`` read their parameters and body by hand, so
+    FastAPI's per-route machinery (dependency solving, a sub-response, two exit stacks)
+    only costs time: about 20 µs a request. This route calls the same
+    endpoint without it, behind the same middleware and exception handlers (so errors are
+    the same problem+json). ``guard`` runs first (the bearer-token check when auth is on).
+    The FastAPI route stays registered, so OpenAPI still documents the endpoint.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        endpoint: Callable[[Request], Awaitable[Response]],
+        method: str,
+        guard: Callable[[Request], None] | None = None,
+    ) -> None:
+        if guard is None:
+            handler = endpoint
+        else:
+
+            async def handler(request: Request) -> Response:
+                guard(request)
+                return await endpoint(request)
+
+        super().__init__(path, handler, methods=[method], name=endpoint.__name__)
+        self.methods = {method}  # as the FastAPI route: no implicit HEAD
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            # The route template labels metrics and the access log (as FastAPI's routes do).
+            child_scope["route"] = self
+        return match, child_scope

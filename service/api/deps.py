@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import anyio
 from anyio import to_thread
 from fastapi import Request
 
@@ -94,17 +95,27 @@ async def db_read(store: Store, fn: Callable[..., T], *args: Any) -> T:
     return await to_thread.run_sync(fn, *args)
 
 
+# Pauses before retrying an inline write whose lock was taken (7.5 ms in all), then a thread.
+_INLINE_RETRY_DELAYS = (0.0, 0.0005, 0.001, 0.002, 0.004)
+
+
 async def db_write(store: Store, fn: Callable[..., T], *args: Any) -> T:
     """Run a write without ever waiting for a lock on the event loop.
 
     Where the store can fail fast (SQLite), the write is tried inline first; if the lock is
-    taken it raised :class:`WouldBlock` before writing anything, and the same call is made
-    again in a worker thread, where waiting is harmless.
+    taken it raised :class:`WouldBlock` before writing anything. The loop then sleeps a
+    little and tries again (the lock is usually held for a short commit or checkpoint), and
+    only then makes the same call in a worker thread, where waiting is harmless. Going to a
+    thread at the first refusal cascaded: a thread's write holds the lock longer, so more
+    inline writes were refused and the whole stream moved to threads (twice the CPU).
     """
     if store.inline_writes:
-        try:
-            with store.nowait():
-                return fn(*args)
-        except WouldBlock:
-            pass
+        for delay in _INLINE_RETRY_DELAYS:
+            if delay:
+                await anyio.sleep(delay)
+            try:
+                with store.nowait():
+                    return fn(*args)
+            except WouldBlock:
+                pass
     return await to_thread.run_sync(fn, *args)

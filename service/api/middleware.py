@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request limits (body size, JSON nesting) and observability.
+"""Pure ASGI middleware: observability and request limits (body size, JSON nesting).
 
 Both run before FastAPI parses anything, so a huge or absurdly nested body is refused
 before it can cost memory or hit the JSON parser's recursion limit (which would be a 500).
@@ -40,8 +40,17 @@ def json_depth(body: bytes, limit: int | None = None) -> int:
     return int(np.cumsum(delta, dtype=np.int64).max(initial=0))
 
 
-class LimitsMiddleware:
-    """413 for bodies over ``max_body_bytes``; 422 for JSON nested over ``max_json_depth``."""
+class RequestMiddleware:
+    """Observability and request limits, as one pure ASGI layer (every request crosses it).
+
+    - One JSON access line and Prometheus samples per request (never headers, so never a
+      token), labelled with the route template.
+    - 413 for bodies over ``max_body_bytes`` and 422 for JSON nested over ``max_json_depth``,
+      before anything parses the body.
+
+    One layer instead of two saves a few microseconds on every request (the hot paths cost
+    about a hundred).
+    """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, max_json_depth: int) -> None:
         self.app = app
@@ -49,9 +58,33 @@ class LimitsMiddleware:
         self.max_json_depth = max_json_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if scope["method"] in _BODY_METHODS:
+                await self._with_body(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:
+            duration = time.perf_counter() - start
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            observability.observe_request(
+                scope["method"], template, status, duration, access_log.isEnabledFor(logging.INFO)
+            )
+
+    async def _with_body(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Read the whole body within the limits, then hand it on to the app."""
         limit = self.max_body_bytes
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -76,7 +109,7 @@ class LimitsMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if body and json_depth(body, self.max_json_depth) > self.max_json_depth:
             msg = f"JSON nested deeper than {self.max_json_depth} levels"
             response = problem_response(
@@ -109,34 +142,3 @@ class LimitsMiddleware:
             headers={"Connection": "close"},
         )
         await response(scope, receive, send)
-
-
-class ObservabilityMiddleware:
-    """One JSON log line and Prometheus samples per request (never headers, so never a token)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            duration = time.perf_counter() - start
-            route: Any = scope.get("route")
-            template = getattr(route, "path", None) or "<unmatched>"
-            method = scope["method"]
-            observability.observe_request(method, template, status, duration)
-            if access_log.isEnabledFor(logging.INFO):
-                observability.access_line(method, template, status, duration)

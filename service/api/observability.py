@@ -29,18 +29,66 @@ METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # labels() costs a lock and a few microseconds per call: keep the labelled children. Keys are
 # bounded: path is a route template (or "<unmatched>"), never the raw path.
-_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+_children: dict[tuple[str, str, int], tuple[Any, Any, bytes]] = {}
+_MAX_CHILDREN = 10_000
 
 
-def observe_request(method: str, path: str, status: int, duration: float) -> None:
+def _child(method: str, path: str, status: int) -> tuple[Any, Any, bytes]:
     key = (method, path, status)
     child = _children.get(key)
     if child is None:
-        child = (REQUESTS.labels(method, path, str(status)), LATENCY.labels(method, path))
-        if len(_children) < 10_000:
+        # The constant middle of the access line, JSON-encoded once per (method, path, status).
+        middle = json.dumps(
+            {
+                "level": "info",
+                "logger": "lrserve.access",
+                "event": "request",
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": 0,
+            }
+        )
+        middle = middle[1 : middle.rindex("0")]  # '"level": ..., "duration_ms": '
+        child = (
+            REQUESTS.labels(method, path, str(status)),
+            LATENCY.labels(method, path),
+            middle.encode(),
+        )
+        if len(_children) < _MAX_CHILDREN:
             _children[key] = child
+    return child
+
+
+def observe_request(
+    method: str, path: str, status: int, duration: float, log: bool = False
+) -> None:
+    """Count one answered request (Prometheus) and, with ``log``, write its access line."""
+    child = _child(method, path, status)
     child[0].inc()
     child[1].observe(duration)
+    if log:
+        _write_access_line(child[2], duration)
+
+
+class _Reporter:
+    """A labelled counter whose children are looked up once per label value."""
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._children: dict[str, Any] = {}
+
+    def inc(self, label: str) -> None:
+        child = self._children.get(label)
+        if child is None:
+            child = self._children[label] = self._counter.labels(label)
+        child.inc()
+
+
+REPORT_OUTCOMES = _Reporter(REPORTS)
+"""``REPORT_OUTCOMES.inc("new" | "duplicate" | "refused")``."""
+DECISION_OUTCOMES = _Reporter(DECISIONS)
+"""``DECISION_OUTCOMES.inc("true" | "false")``."""
 
 
 def metrics_text() -> bytes:
@@ -54,28 +102,36 @@ def _timestamp(created: float) -> str:
     )
 
 
+# The access line's timestamp up to the second, formatted once per second (not per request).
+_second: list[Any] = [-1, b""]
+
+
+def _write_access_line(middle: bytes, duration: float) -> None:
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[0] = second
+        _second[1] = ('{"ts": "' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))).encode()
+    line = b'%s.%03dZ", %s%s}\n' % (
+        _second[1],
+        int(now * 1000) % 1000,
+        middle,
+        repr(round(duration * 1000, 3)).encode(),
+    )
+    with contextlib.suppress(OSError):  # stderr closed: logging must never fail a request
+        os.write(2, line)
+
+
 def access_line(method: str, path: str, status: int, duration: float) -> None:
     """The per-request log line, written straight to stderr.
 
     Same JSON shape as every other log line, without the logging module's per-record
-    machinery (which cost a fifth of a GET's CPU): one ``write`` of one line, so lines from
-    several workers never interleave. Only the route template is logged, never the query,
-    headers or body, so never a token.
+    machinery (which cost a fifth of a GET's CPU): one ``write`` of one preformatted line
+    (only the timestamp and the duration are formatted per request), so lines from several
+    workers never interleave. Only the route template is logged, never the query, headers or
+    body, so never a token.
     """
-    line = json.dumps(
-        {
-            "ts": _timestamp(time.time()),
-            "level": "info",
-            "logger": "lrserve.access",
-            "event": "request",
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": round(duration * 1000, 3),
-        }
-    )
-    with contextlib.suppress(OSError):  # stderr closed: logging must never fail a request
-        os.write(2, (line + "\n").encode())
+    _write_access_line(_child(method, path, status)[2], duration)
 
 
 class JsonFormatter(logging.Formatter):

@@ -158,7 +158,13 @@ def evaluate(
     count: int,
 ) -> Values:
     """Every group's hyperparameters for steps ``start .. start + count - 1``."""
-    raw = program.evaluate(dict(state), start=start, count=count)
+    raw = program.evaluate(state, start=start, count=count)
+    if not overrides:
+        return {
+            g: {f: np.asarray(v, dtype=np.float64) for f, v in fields.items()}
+            for g, fields in raw.items()
+        }
+    # Overrides write in place: never into an array the program might share.
     values: Values = {
         g: {f: np.array(v, dtype=np.float64, copy=True) for f, v in fields.items()}
         for g, fields in raw.items()
@@ -265,6 +271,17 @@ class ReportPlan:
     aggregate: dict[str, float | None] = field(default_factory=dict)
 
 
+def check_rank(compiled: Compiled, rank: int) -> None:
+    """A rank outside the run's world size is the client's mistake (422)."""
+    world_size = compiled.spec.world_size
+    if rank >= world_size:
+        raise RunError(
+            "validation-error",
+            f"rank {rank} is out of range for world_size {world_size}",
+            ["body", "rank"],
+        )
+
+
 def plan_report(
     compiled: Compiled,
     state: Mapping[str, Any],
@@ -279,12 +296,7 @@ def plan_report(
     ``existing`` are the (rank, values text) already stored for ``step``.
     """
     spec = compiled.spec
-    if rank >= spec.world_size:
-        raise RunError(
-            "validation-error",
-            f"rank {rank} is out of range for world_size {spec.world_size}",
-            ["body", "rank"],
-        )
+    check_rank(compiled, rank)
     mine = next((text for r, text in existing if r == rank), None)
     if mine is not None and mine == values_text:
         ranks = len(existing)

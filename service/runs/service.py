@@ -19,6 +19,7 @@ from service.runs.model import (
     RunSpec,
     at_step,
     canonical_values,
+    check_rank,
     compile_spec,
     evaluate,
     make_override,
@@ -44,6 +45,8 @@ class ReportResult:
     decision: dict[str, Any] | None
     duplicate: bool = False
     completed_now: bool = False
+    state: dict[str, Any] | None = None
+    """``run.state`` parsed (the caller's answer evaluates with it; saves parsing it again)."""
 
 
 def create_run(store: Store, run_id: str, spec: RunSpec) -> tuple[RunRecord, bool]:
@@ -68,30 +71,51 @@ def create_run(store: Store, run_id: str, spec: RunSpec) -> tuple[RunRecord, boo
 def report(
     store: Store, run_id: str, step: int, rank: int, values: dict[str, float | None]
 ) -> ReportResult:
-    """Record one rank's report; when it completes the step, observe and decide."""
+    """Record one rank's report; when it completes the step, observe and decide.
+
+    One transaction with the run locked. The report row is inserted first (unless its key
+    exists): for a run with one rank that answers "did this rank report this step?" without
+    a read, and a refused report rolls the insert back with everything else.
+    """
     values_text = canonical_values(values)
     with store.transaction(run_id) as tx:
         if tx is None:
             raise RunNotFound(run_id)
         run = tx.run
         compiled = compile_spec(run.spec)
-        existing = [(r.rank, r.values) for r in tx.reports_at(step)]
+        check_rank(compiled, rank)
+        inserted = tx.insert_report_if_absent(ReportRow(step, rank, values_text, tx.now))
+        if inserted and compiled.spec.world_size == 1:
+            existing: list[tuple[int, str]] = []
+        else:
+            existing = [
+                (r.rank, r.values) for r in tx.reports_at(step) if r.rank != rank or not inserted
+            ]
+        state = json.loads(run.state)
         plan: ReportPlan = plan_report(
-            compiled, json.loads(run.state), run.completed_step, step, rank, values_text, existing
+            compiled, state, run.completed_step, step, rank, values_text, existing
         )
         if plan.duplicate:
             decision = None
             if plan.complete:
                 decision = _stored_decision(store, run_id, step)
             return ReportResult(
-                run, step, rank, plan.complete, plan.reported_ranks, decision, duplicate=True
+                run,
+                step,
+                rank,
+                plan.complete,
+                plan.reported_ranks,
+                decision,
+                duplicate=True,
+                state=state,
             )
-        tx.insert_report(ReportRow(step, rank, values_text, utcnow()))
+        assert inserted  # plan_report refuses a different report for an existing key
         run.step = step if run.step is None else max(run.step, step)
         run.version += 1
         if plan.completes_now:
             assert plan.new_state is not None and plan.decision is not None
-            run.state = dumps(plan.new_state)
+            state = plan.new_state
+            run.state = dumps(state)
             run.completed_step = step
             tx.add_event(
                 "report_completed",
@@ -118,6 +142,7 @@ def report(
             plan.reported_ranks,
             plan.decision,
             completed_now=plan.completes_now,
+            state=state,
         )
 
 
@@ -160,7 +185,12 @@ def add_override(store: Store, run_id: str, body: OverrideIn) -> RunRecord:
         return run
 
 
-def values_at(run: RunRecord, step: int) -> dict[str, dict[str, float]]:
+def values_at(
+    run: RunRecord, step: int, state: dict[str, Any] | None = None
+) -> dict[str, dict[str, float]]:
+    """Every group's values at ``step``; ``state`` is ``run.state`` already parsed, if at hand."""
     compiled = compile_spec(run.spec)
-    values = evaluate(compiled.program, json.loads(run.state), json.loads(run.overrides), step, 1)
-    return at_step(values)
+    if state is None:
+        state = json.loads(run.state)
+    overrides = [] if run.overrides == "[]" else json.loads(run.overrides)
+    return at_step(evaluate(compiled.program, state, overrides, step, 1))

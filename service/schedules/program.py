@@ -31,6 +31,7 @@ from .base import (
     CompileContext,
     Curve,
     GroupBase,
+    Matrix,
     MetricCurve,
     NonNegReal,
     ProgramState,
@@ -171,6 +172,12 @@ class _Part:
     field: str
 
 
+_BLOCK = 256
+"""Steps per memoised block of a state-independent part (see ``Program._pure_block``)."""
+_BLOCKS_MAX_BYTES = 128 * 1024
+"""Memo bound per program (compiled programs are themselves cached, 512 at most)."""
+
+
 def _check_window(start: object, count: object) -> tuple[int, int]:
     for name, value in (("start", start), ("count", count)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -245,6 +252,12 @@ class Program:
                         fields[self.group_names[i]].append(part.field)
         self.fields: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in fields.items()}
         self.metric_names: frozenset[str] = frozenset(n.metric for n in self._metric_nodes)
+        # Parts without a metric-driven node are pure functions of the step. For one step,
+        # their values come from a memoised block (see _pure_block): a block costs about what
+        # one step costs (numpy's per-call overhead), and a run is asked about nearby steps.
+        self._pure = tuple(next(iter(p.curve.metric_nodes()), None) is None for p in parts)
+        self._blocks: dict[tuple[int, int], tuple[Matrix, Matrix | None]] = {}
+        self._blocks_bytes = 0
 
     def _check_param_momentum_conflicts(self) -> None:
         probe = np.zeros(1)
@@ -285,13 +298,18 @@ class Program:
         out: dict[str, dict[str, npt.NDArray[np.float64]]] = {n: {} for n in self.group_names}
         momentum_done: set[int] = set()
         with np.errstate(all="ignore"):
-            for part in self._parts:
-                values = part.curve.lr(t, full)
+            for k, part in enumerate(self._parts):
+                if count == 1 and self._pure[k]:
+                    values, cycled = self._pure_block(k, start)
+                else:
+                    values = part.curve.lr(t, full)
+                    cycled = None
+                    if part.field == "lr":
+                        cycled = part.curve.momentum(t, full)
                 for row, i in enumerate(part.groups):
                     out[self.group_names[i]][part.field] = np.ascontiguousarray(values[row])
                 if part.field != "lr":
                     continue
-                cycled = part.curve.momentum(t, full)
                 if cycled is None:
                     continue
                 for row, i in enumerate(part.groups):
@@ -303,6 +321,31 @@ class Program:
             if i not in momentum_done and fld not in self.spec.param_schedules:
                 out[self.group_names[i]][fld] = np.full(count, self._base_momentum[i])
         return {name: {f: out[name][f] for f in self.fields[name]} for name in self.group_names}
+
+    def _pure_block(self, k: int, step: int) -> tuple[Matrix, Matrix | None]:
+        """Part ``k``'s (lr, cycled momentum) at ``step`` (shape ``(groups, 1)``), sliced from a
+        memoised block of ``_BLOCK`` steps. Only for parts without metric-driven nodes, whose
+        values do not depend on the state: the memo is a pure recomputation cache."""
+        first = step - step % _BLOCK
+        block = self._blocks.get((k, first))
+        if block is None:
+            part = self._parts[k]
+            t = np.arange(first, min(first + _BLOCK, MAX_STEP), dtype=np.float64)
+            state = self.initial_state()
+            lr = part.curve.lr(t, state)
+            mom = part.curve.momentum(t, state) if part.field == "lr" else None
+            block = (lr, mom)
+            size = lr.nbytes + (0 if mom is None else mom.nbytes)
+            if size <= _BLOCKS_MAX_BYTES // 4:
+                if self._blocks_bytes + size > _BLOCKS_MAX_BYTES:
+                    self._blocks.clear()  # crude bound; refilled by the next calls
+                    self._blocks_bytes = 0
+                self._blocks[(k, first)] = block
+                self._blocks_bytes += size
+        i = step - first
+        lr, mom = block
+        # Copies: callers own what evaluate returns and may write to it.
+        return lr[:, i : i + 1].copy(), None if mom is None else mom[:, i : i + 1].copy()
 
     def at(self, state: Mapping[str, Any] | None, step: int) -> dict[str, dict[str, float]]:
         """The values at one step: ``{group: {field: float}}``."""

@@ -41,7 +41,8 @@ def migration_scripts(dialect: str) -> list[tuple[int, list[str]]]:
     return out
 
 
-def _record(row: Any) -> RunRecord:
+def record_of(row: Any) -> RunRecord:
+    """The :class:`RunRecord` of a row selected as ``RUN_COLUMNS``."""
     return RunRecord(
         id=row[0],
         spec=row[1],
@@ -63,6 +64,8 @@ class SqlTx:
         self._store = store
         self._conn = conn
         self.run = run
+        # One timestamp for everything the transaction writes (it commits as one).
+        self.now = utcnow()
 
     def reports_at(self, step: int) -> list[ReportRow]:
         rows = self._conn.execute(
@@ -83,14 +86,26 @@ class SqlTx:
             (self.run.id, report.step, report.rank, report.values, report.received_at),
         )
 
+    def insert_report_if_absent(self, report: ReportRow) -> bool:
+        cur = self._conn.execute(
+            self._store.q(
+                'INSERT INTO reports (run_id, step, rank, "values", received_at) '
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+            ),
+            (self.run.id, report.step, report.rank, report.values, report.received_at),
+        )
+        return bool(cur.rowcount)
+
     def add_event(self, type: str, step: int | None, data: dict[str, Any]) -> int:
         self.run.event_seq += 1
-        self._store.insert_event(self._conn, self.run.id, self.run.event_seq, type, step, data)
+        self._store.insert_event(
+            self._conn, self.run.id, self.run.event_seq, type, step, data, self.now
+        )
         return self.run.event_seq
 
     def save(self) -> None:
         run = self.run
-        run.updated_at = utcnow()
+        run.updated_at = self.now
         self._conn.execute(
             self._store.q(
                 "UPDATE runs SET state = ?, overrides = ?, version = ?, step = ?, "
@@ -162,13 +177,20 @@ class SqlStore(ABC):
 
     # -- runs -----------------------------------------------------------------------------
     def insert_event(
-        self, conn: Any, run_id: str, seq: int, type: str, step: int | None, data: dict[str, Any]
+        self,
+        conn: Any,
+        run_id: str,
+        seq: int,
+        type: str,
+        step: int | None,
+        data: dict[str, Any],
+        at: str | None = None,
     ) -> None:
         conn.execute(
             self.q(
                 "INSERT INTO events (run_id, seq, type, step, at, data) VALUES (?, ?, ?, ?, ?, ?)"
             ),
-            (run_id, seq, type, step, utcnow(), dumps(data)),
+            (run_id, seq, type, step, utcnow() if at is None else at, dumps(data)),
         )
 
     @abstractmethod
@@ -186,14 +208,14 @@ class SqlStore(ABC):
             ).fetchone()
         if row is None:  # pragma: no cover - deleted between the conflict and the read
             raise StoreBusy("the run was deleted while being created; retry")
-        return _record(row), False
+        return record_of(row), False
 
     def get_run(self, run_id: str) -> RunRecord | None:
         with self.errors(), self.read_conn() as conn:
             row = conn.execute(
                 self.q(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"), (run_id,)
             ).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else record_of(row)
 
     def run_version(self, run_id: str) -> tuple[int, str, int | None] | None:
         with self.errors(), self.read_conn() as conn:
@@ -246,14 +268,17 @@ class SqlStore(ABC):
             cur = conn.execute(self.q("DELETE FROM runs WHERE id = ?"), (run_id,))
             return bool(cur.rowcount)
 
+    def transaction(self, run_id: str) -> AbstractContextManager[SqlTx | None]:
+        return self._transaction(run_id)
+
     @contextmanager
-    def transaction(self, run_id: str) -> Iterator[SqlTx | None]:
+    def _transaction(self, run_id: str) -> Iterator[SqlTx | None]:
         with self.errors(), self.write_conn() as conn:
             row = conn.execute(
                 self.q(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?{self.lock_suffix}"),
                 (run_id,),
             ).fetchone()
-            yield None if row is None else SqlTx(self, conn, _record(row))
+            yield None if row is None else SqlTx(self, conn, record_of(row))
 
     def events(self, run_id: str, after: int, limit: int) -> list[EventRow]:
         with self.errors(), self.read_conn() as conn:

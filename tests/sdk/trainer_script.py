@@ -67,6 +67,9 @@ def train(rank: int, cfg: dict[str, Any]) -> None:
         with open(cfg["out"].replace("{rank}", str(rank)), "w") as f:
             json.dump({"error": f"{type(exc).__name__}: {exc}"}, f)
         if world > 1:
+            # Both ranks got here (a hang would time the test out): leave together, so that no
+            # rank tears the group down while the other is still reading the broadcast.
+            dist.barrier()
             dist.destroy_process_group()
         return
     if cfg.get("load"):

@@ -15,7 +15,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.api.common import RUN_ID_PATTERN, etag, etag_matches, json_bytes
+from service.api.common import (
+    RUN_ID_PATTERN,
+    JsonBytesResponse,
+    etag,
+    etag_matches,
+    json_bytes,
+)
 from service.api.deps import db_read, get_store
 from service.api.problems import run_not_found, validation_error
 from service.runs.model import Values, compile_spec, evaluate
@@ -116,10 +122,8 @@ async def get_lr(request: Request) -> Response:
             version, body = await _window(store, run_id, start, count or 1)
         else:
             body = cached
-    return Response(
-        body,
-        media_type="application/json",
-        headers={"ETag": etag(version), "Cache-Control": "no-cache"},
+    return JsonBytesResponse(
+        body, [(b"etag", etag(version).encode()), (b"cache-control", b"no-cache")]
     )
 
 

@@ -84,11 +84,11 @@ async def post_metrics(request: Request) -> Response:
             store, translate, runs.report, store, run_id, body.step, body.rank, dict(body.values)
         )
     except Exception:
-        observability.REPORTS.labels("refused").inc()
+        observability.REPORT_OUTCOMES.inc("refused")
         raise
-    observability.REPORTS.labels("duplicate" if result.duplicate else "new").inc()
+    observability.REPORT_OUTCOMES.inc("duplicate" if result.duplicate else "new")
     if result.completed_now and result.decision is not None:
-        observability.DECISIONS.labels(str(bool(result.decision.get("reduced"))).lower()).inc()
+        observability.DECISION_OUTCOMES.inc("true" if result.decision.get("reduced") else "false")
     run = result.run
     complete, ranks, decision = result.complete, result.reported_ranks, result.decision
     if not complete and wait > 0:
@@ -112,7 +112,9 @@ async def post_metrics(request: Request) -> Response:
         run, complete, ranks, decision = await db_read(
             store, translate, runs.step_status, store, run_id, body.step
         )
-    groups = runs.values_at(run, body.step + 1)
+    # The state parsed by the report is the stored one unless a wait re-read the run.
+    state = result.state if run is result.run else None
+    groups = runs.values_at(run, body.step + 1, state)
     return json_response(_answer(run_id, result, groups, run.version, decision, complete, ranks))
 
 
