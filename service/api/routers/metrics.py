@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Annotated, Any
 
@@ -28,6 +27,7 @@ from service.api.problems import run_not_found
 from service.runs import service as runs
 from service.runs.model import ReportIn
 from service.store import Store
+from service.store.base import jsonable
 
 router = APIRouter(prefix="/v1", tags=["metrics"])
 
@@ -118,12 +118,6 @@ async def post_metrics(request: Request) -> Response:
     return json_response(_answer(run_id, result, groups, run.version, decision, complete, ranks))
 
 
-def _value(v: float | None) -> float | str | None:
-    if v is None or math.isfinite(v):
-        return v
-    return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
-
-
 @router.get("/runs/{run_id}/metrics", summary="History of one metric (per report and aggregated)")
 async def get_metrics(
     run_id: RunId,
@@ -139,10 +133,10 @@ async def get_metrics(
     for r in reports:
         values = json.loads(r.values)
         if name in values:
-            points.append({"step": r.step, "rank": r.rank, "value": _value(values[name])})
+            points.append({"step": r.step, "rank": r.rank, "value": jsonable(values[name])})
     aggregate = []
     for e in completed:
         agg = json.loads(e.data).get("aggregate", {})
         if name in agg:
-            aggregate.append({"step": e.step, "value": _value(agg[name])})
+            aggregate.append({"step": e.step, "value": jsonable(agg[name])})
     return json_response({"run": run_id, "name": name, "points": points, "aggregate": aggregate})
