@@ -18,6 +18,7 @@ torch's own schedulers.
 
 from __future__ import annotations
 
+import math
 import os
 import types
 import warnings
@@ -43,6 +44,25 @@ settings.register_profile(
 PROFILE = os.environ.get("LRSERVE_HYPOTHESIS_PROFILE", "default")
 settings.load_profile(PROFILE)
 EXAMPLE_SCALE = {"ci": 4, "thorough": 20}.get(PROFILE, 1)
+
+
+# What lr_lambda expressions may name, as plain Python: the tests evaluate the same
+# string with Python (the oracle) and with the engine.
+PY_NAMESPACE = {
+    "__builtins__": {},
+    "min": min,
+    "max": max,
+    "abs": abs,
+    "sqrt": math.sqrt,
+    "exp": math.exp,
+    "log": math.log,
+    "cos": math.cos,
+    "sin": math.sin,
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "pi": math.pi,
+    "e": math.e,
+}
 
 
 def examples(n: int) -> int:

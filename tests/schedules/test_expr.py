@@ -3,8 +3,6 @@ agree with Python evaluating the same string (the grammar is a subset of Python'
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,22 +11,7 @@ from pydantic import ValidationError
 
 from service.schedules.expr import MAX_LENGTH, ExprError, parse
 from service.schedules.torch_lambda import LambdaLR
-
-PY_NAMESPACE = {
-    "__builtins__": {},
-    "min": min,
-    "max": max,
-    "abs": abs,
-    "sqrt": math.sqrt,
-    "exp": math.exp,
-    "log": math.log,
-    "cos": math.cos,
-    "sin": math.sin,
-    "floor": math.floor,
-    "ceil": math.ceil,
-    "pi": math.pi,
-    "e": math.e,
-}
+from tests.schedules.conftest import PY_NAMESPACE
 
 
 def python_value(source: str, epoch: int) -> float:

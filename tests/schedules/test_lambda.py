@@ -8,7 +8,6 @@ steps, for one expression or a per-group list.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,27 +20,11 @@ from hypothesis import strategies as st
 from service.schedules.base import CompileContext, GroupBase, SpecError
 from service.schedules.spec import schedule_adapter
 from service.schedules.torch_lambda import MULTIPLICATIVE_EXACT_STEPS
-from tests.schedules.conftest import TORCH_BUILDERS, assert_matches, torch_values
-
-_NS = {
-    "__builtins__": {},
-    "min": min,
-    "max": max,
-    "abs": abs,
-    "sqrt": math.sqrt,
-    "exp": math.exp,
-    "log": math.log,
-    "cos": math.cos,
-    "sin": math.sin,
-    "floor": math.floor,
-    "ceil": math.ceil,
-    "pi": math.pi,
-    "e": math.e,
-}
+from tests.schedules.conftest import PY_NAMESPACE, TORCH_BUILDERS, assert_matches, torch_values
 
 
 def python_lambda(source: str) -> Callable[[int], float]:
-    return eval(f"lambda epoch: {source}", _NS)  # a test building torch's oracle
+    return eval(f"lambda epoch: {source}", PY_NAMESPACE)  # a test building torch's oracle
 
 
 def _build_lambda(spec: Mapping[str, Any], opt: torch.optim.Optimizer) -> Any:
