@@ -188,11 +188,12 @@ def _with_dbname(url: str, dbname: str) -> str:
 
 
 @contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
+def postgres_database(encoding: str | None = None) -> Iterator[str]:
     """Create a fresh PostgreSQL database, yield its URL, drop it afterwards.
 
     Skips (fails when ``CI=true``) when the server is unreachable. Usable from fixtures of
-    any scope; ``postgres_url`` is the per-test form.
+    any scope; ``postgres_url`` is the per-test form. ``encoding`` (e.g. ``"SQL_ASCII"``)
+    creates the database with that server encoding instead of the cluster's default.
     """
     try:
         import psycopg
@@ -206,8 +207,11 @@ def postgres_database() -> Iterator[str]:
             pytest.fail(f"PostgreSQL at {admin} is unreachable (CI=true): {exc}")
         pytest.skip(f"PostgreSQL at {admin} is unreachable: {exc}")
     name = f"lrserve_test_{uuid.uuid4().hex[:12]}"
+    options = (
+        f" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0" if encoding else ""
+    )
     with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{options}')
     try:
         yield _with_dbname(admin, name)
     finally:

@@ -14,6 +14,7 @@ import httpx
 
 from ._config import check_run_id
 from ._errors import UsageError
+from ._metrics import encode_metric
 from ._transport import Call, error_from_response, json_body
 from ._types import (
     CreateRunResult,
@@ -50,30 +51,6 @@ def _nonneg_int(name: str, value: int | None, *, allow_none: bool = True) -> int
 
 def _dict(response: httpx.Response) -> Any:
     return json_body(response)
-
-
-def encode_metric(name: str, value: Any) -> float | str | None:
-    """A metric value in its wire form: JSON has no NaN/inf, the contract uses strings."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value in ("NaN", "Infinity", "-Infinity"):
-            return value
-        raise UsageError(f"metric {name!r}: expected a number, got the string {value!r}")
-    if isinstance(value, bool):
-        raise UsageError(f"metric {name!r}: expected a number, got {value!r}")
-    try:
-        # float() also covers numpy scalars and 0-d torch tensors (loss.detach()).
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(
-            f"metric {name!r}: expected a number, got {type(value).__name__}"
-        ) from None
-    if math.isnan(number):
-        return "NaN"
-    if math.isinf(number):
-        return "Infinity" if number > 0 else "-Infinity"
-    return number
 
 
 def create_run(run_id: str, spec: Mapping[str, Any]) -> Call[CreateRunResult]:

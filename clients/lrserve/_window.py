@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BoundWindow", "Window", "bind", "group_targets", "read_values"]
+__all__ = ["BoundWindow", "Window", "bind", "group_targets", "memory_key", "read_values"]
 
 # {group name: {field name: [value per step]}}
 Columns = dict[str, dict[str, list[float]]]
@@ -93,7 +93,11 @@ class BoundWindow:
 
     window: Window
     groups: list[dict[str, Any]]
-    """The optimizer's ``param_groups`` list this was bound to (rebound if replaced)."""
+    """The optimizer's ``param_groups`` list this was bound to (rebound if replaced).
+
+    A copy of that list when two targets are one tensor (see :func:`bind`), so that the
+    step path, which checks ``groups is optimizer.param_groups``, takes its slow path.
+    """
     floats: list[tuple[dict[str, Any], str, Sequence[Any]]]
     """``(param_group, key, column)``: ``param_group[key] = column[i]``."""
     fills: list[tuple[torch.Tensor, list[float]]]
@@ -158,12 +162,23 @@ def bind(
                 _add_tensor(current, col, fills, pending, fill_on_cpu)
             else:
                 floats.append((group, key, col))
+    targets = [t for t, _ in fills] + [t for items in pending.values() for t, _ in items]
+    aliased = len({memory_key(t) for t in targets}) < len(targets)
     buckets = []
     for (device, dtype, shape), items in pending.items():
         rows = torch.tensor([c for _, c in items], dtype=torch.float64).T.contiguous()
         rows = rows.to(device=device, dtype=dtype).reshape(len(rows), len(items), *shape)
         buckets.append(([t for t, _ in items], rows))
-    return BoundWindow(window, groups, floats, fills, buckets)
+    return BoundWindow(window, list(groups) if aliased else groups, floats, fills, buckets)
+
+
+def memory_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Equal for two tensors that are one tensor (or views starting at the same memory)."""
+    try:
+        ptr = t.data_ptr()
+    except Exception:  # tensors without storage (fake, some subclasses)
+        ptr = 0
+    return (str(t.device), ptr) if ptr else ("id", id(t))
 
 
 def _add_tensor(

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
 
@@ -40,8 +39,10 @@ from ._errors import (
     TransportError,
     UsageError,
 )
+from ._metrics import aggregate as aggregate_ranks
+from ._metrics import metric_values
 from ._types import ReportResult
-from ._window import BoundWindow, Window, bind, read_values
+from ._window import BoundWindow, Window, bind, memory_key, read_values
 
 __all__ = [
     "LRServeOfflineWarning",
@@ -73,6 +74,56 @@ def _dist_info(process_group: Any) -> tuple[int, int]:
     return 0, 1
 
 
+# Param group keys that are not hyperparameters the scheduler writes (``initial_lr`` is
+# torch's schedulers' bookkeeping).
+_NOT_WRITTEN = frozenset({"params", "param_names", "initial_lr"})
+
+
+def _untie_tensors(optimizer: torch.optim.Optimizer) -> list[str]:
+    """Give every param group its own tensor hyperparameters; returns what was replaced.
+
+    ``torch.optim.AdamW(groups, lr=torch.tensor(1e-3))`` puts one tensor object in every
+    group (the constructor's default is shared), and a tensor the scheduler writes in
+    place can hold only one group's value. Each tensor hyperparameter (``lr``,
+    ``momentum``, ``betas`` elements, ``weight_decay``, ...) met a second time, in another
+    group or another slot, is replaced by a copy on the same device with the same dtype
+    and value. Tensors that are not shared are left as they are.
+    """
+    seen: dict[tuple[Any, ...], str] = {}
+    replaced: list[str] = []
+
+    def own(t: torch.Tensor, where: str) -> torch.Tensor:
+        key = memory_key(t)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = where
+            return t
+        replaced.append(f"{where} (was {first}'s tensor)")
+        copy = t.detach().clone()
+        seen[memory_key(copy)] = where
+        return copy
+
+    for i, group in enumerate(optimizer.param_groups):
+        label = f"group {i}" + (f" ({group['name']!r})" if "name" in group else "")
+        for key, value in list(group.items()):
+            if key in _NOT_WRITTEN:
+                continue
+            if isinstance(value, torch.Tensor):
+                new = own(value, f"{label} {key!r}")
+                if new is not value:
+                    group[key] = new
+            elif isinstance(value, (tuple, list)) and any(
+                isinstance(x, torch.Tensor) for x in value
+            ):
+                items = [
+                    own(x, f"{label} {key}[{j}]") if isinstance(x, torch.Tensor) else x
+                    for j, x in enumerate(value)
+                ]
+                if any(a is not b for a, b in zip(items, value, strict=True)):
+                    group[key] = tuple(items) if isinstance(value, tuple) else items
+    return replaced
+
+
 def groups_from_optimizer(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """The ``groups`` of a run spec, taken from an optimizer's param groups.
 
@@ -97,25 +148,6 @@ def groups_from_optimizer(optimizer: torch.optim.Optimizer) -> list[dict[str, An
     return out
 
 
-def _aggregate(values: Sequence[Mapping[str, float]], how: str) -> dict[str, float]:
-    """Combine per-rank metrics the way the service combines them (chief mode)."""
-    if how == "rank0":
-        return dict(values[0])
-    out: dict[str, float] = {}
-    for name in values[0]:
-        xs = [float(v[name]) for v in values if name in v]
-        finite = [x for x in xs if math.isfinite(x)]
-        if not finite:
-            out[name] = xs[0]
-        elif how == "min":
-            out[name] = min(finite)
-        elif how == "max":
-            out[name] = max(finite)
-        else:
-            out[name] = math.fsum(finite) / len(finite)
-    return out
-
-
 class RemoteScheduler:
     """A learning-rate scheduler whose values come from an lrserve run.
 
@@ -128,7 +160,9 @@ class RemoteScheduler:
     Args:
         optimizer: the optimizer whose param groups receive the values, in the order of
             the run's groups. Float hyperparameters are assigned; tensor ones (``lr``,
-            ``betas[0]``) are updated in place on their device and dtype.
+            ``betas[0]``) are updated in place on their device and dtype. Groups that
+            share one tensor (``AdamW(groups, lr=torch.tensor(...))`` does that) each get
+            their own copy first, with a warning.
         run: the run id.
         url: the server; default ``$LRSERVE_URL``, else ``http://127.0.0.1:8000``.
         spec: the run body (``schedule``, ``group_schedules``, ``param_schedules``, ...).
@@ -205,15 +239,18 @@ class RemoteScheduler:
         self._names: list[str] | None = None
         self._bound: BoundWindow | None = None
         self._next: Window | None = None  # chief rank 0: fetched, applied at the next sync
-        self._outbox: deque[tuple[int, dict[str, float]]] = deque()
+        self._outbox: deque[tuple[int, dict[str, float | None]]] = deque()
         self._io_lock = threading.RLock()
         self._offline = False
         self._warned_offline = False
         self._warned_held = False
         self._closed = False
+        self._warned_shared = False
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # Before anything is bound to the param groups' tensors.
+        self._untie()
 
         self._owns_client = client is None and self._talks
         self._client: Client | None = client
@@ -285,8 +322,11 @@ class RemoteScheduler:
     def _step_slow(self, s: int) -> None:
         b = self._bound
         if b is not None and b.groups is not self.optimizer.param_groups:
-            # optimizer.load_state_dict() replaced the param group dicts: bind again.
-            b = self._bound = bind(b.window, self._group_names(), self.optimizer.param_groups)
+            # optimizer.load_state_dict() replaced the param group dicts (or a window was
+            # bound to tensors that groups share): bind again, each group its own tensors.
+            with self._io_lock:
+                self._untie()
+                b = self._bound = bind(b.window, self._group_names(), self.optimizer.param_groups)
             if 0 <= s - b.start < b.count:
                 self._step = s
                 b.apply(s - b.start)
@@ -325,6 +365,22 @@ class RemoteScheduler:
             )
             log.warning(msg)
             warnings.warn(msg, LRServeOfflineWarning, stacklevel=3)
+
+    def _untie(self) -> None:
+        """Give each param group its own tensor hyperparameters (see :func:`_untie_tensors`)."""
+        replaced = _untie_tensors(self.optimizer)
+        if not replaced:
+            return
+        msg = (
+            f"lrserve run {self.run_id!r}: param groups shared tensor hyperparameters; the "
+            "scheduler writes them in place and one tensor can hold only one group's value, "
+            "so each of these now has its own copy (same device, dtype and value): "
+            + ", ".join(replaced)
+        )
+        log.warning(msg)
+        if not self._warned_shared:
+            self._warned_shared = True
+            warnings.warn(msg, UserWarning, stacklevel=3)
 
     # -- torch scheduler API ---------------------------------------------------------
 
@@ -366,11 +422,17 @@ class RemoteScheduler:
         so all ranks continue with the same values. Returns the server's answer, or
         ``None`` when the service is unreachable (the report is then kept and sent when
         it is back; ``strict=True`` raises instead).
+
+        A value is a number, a numpy scalar or a one-element tensor (read with ``.item()``),
+        NaN or ±infinity (sent as ``"NaN"``, ``"Infinity"``, ``"-Infinity"``), or ``None``
+        for "no value this time" (sent as ``null``: metric-driven schedules skip it). Any
+        other value raises :class:`lrserve.UsageError` (a ``ValueError``) naming the
+        metric, before anything is sent.
         """
         s = self._step if step is None else int(step)
-        values = {str(k): float(v) for k, v in metrics.items()}
         if self._collective:
-            return self._report_chief(s, values)
+            return self._report_chief(s, metrics)
+        values = metric_values(metrics)
         assert self._client is not None
         with self._io_lock:
             self._flush_outbox()
@@ -431,7 +493,7 @@ class RemoteScheduler:
             self._install(Window(start, 1, int(res["version"]), None, cols), force=True)
 
     def _queue_report(
-        self, s: int, values: dict[str, float], exc: BaseException | None
+        self, s: int, values: dict[str, float | None], exc: BaseException | None
     ) -> ReportResult | None:
         if self.strict and exc is not None:
             raise exc
@@ -485,6 +547,7 @@ class RemoteScheduler:
             self._bound = None
             self._hold(s)
             return
+        self._untie()
         self._bound = bind(w, self._group_names(), self.optimizer.param_groups)
         self._bound.apply(s - w.start)
         if w.held:
@@ -509,42 +572,78 @@ class RemoteScheduler:
             version = self._bound.window.version if self._bound else -1
             return Window.held_at(s, self._sync_every, version, held)
 
-    def _report_chief(self, s: int, values: dict[str, float]) -> ReportResult | None:
+    def _report_chief(self, s: int, metrics: Mapping[str, Any]) -> ReportResult | None:
+        """Collective: gather every rank's metrics, combine and report them on rank 0.
+
+        Every rank takes part in every collective whatever happens, or the others would wait
+        for ever: a rank whose metrics are invalid still joins the gather (with its error),
+        and so does a rank 0 that the service refuses (it broadcasts the error); then every
+        rank raises.
+        """
+        own_error: UsageError | None = None
+        try:
+            mine: tuple[str, Any] = ("values", metric_values(metrics))
+        except UsageError as exc:
+            own_error = exc
+            mine = ("error", str(exc))
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, values, group=self.process_group)
+        dist.all_gather_object(gathered, mine, group=self.process_group)
+        bad = [(r, g[1]) for r, g in enumerate(gathered) if g[0] == "error"]
+        if own_error is not None:
+            raise own_error
+        if bad:
+            r, why = bad[0]
+            raise UsageError(f"lrserve run {self.run_id!r}: step {s} not reported: rank {r}: {why}")
         result: list[Any] = [None]
+        failure: BaseException | None = None
         if self.rank == 0:
             assert self._client is not None
-            combined = _aggregate(gathered, self._aggregate)
-            with self._io_lock:
-                self._flush_outbox()
-                res: ReportResult | None = None
-                if self._outbox:
-                    self._outbox.append((s, combined))
-                else:
-                    try:
-                        res = self._client.report(self.run_id, s, combined, rank=0)
-                        self._back_online()
-                    except _UNAVAILABLE as exc:
-                        self._outbox.append((s, combined))
-                        self._went_offline(exc)
-                    except ConflictError as exc:
-                        log.warning("lrserve: report ignored: %s", exc)
-                if res is not None:
-                    cur = self._next or (self._bound.window if self._bound else None)
-                    if cur is None or cur.version != res.get("version"):
-                        try:
-                            self._next = self._fetch(self._step)
-                        except _UNAVAILABLE as exc:
-                            self._went_offline(exc)
-            result[0] = res
+            combined = aggregate_ranks([g[1] for g in gathered], self._aggregate)
+            try:
+                result[0] = ("answer", self._report_combined(s, combined))
+            except BaseException as exc:  # sent to the other ranks, raised below
+                failure = exc
+                result[0] = ("error", f"{type(exc).__name__}: {exc}")
         dist.broadcast_object_list(result, src=0, group=self.process_group)
+        if result[0][0] == "error":
+            if failure is not None:
+                raise failure
+            raise LRServeError(
+                f"lrserve run {self.run_id!r}: rank 0 could not report step {s}: {result[0][1]}"
+            )
+        res: ReportResult | None = result[0][1]
         # The answer changes values from s + 1 on: every rank takes them now, at the
         # same step, from the same broadcast.
         self._chief_sync(self._step)
-        if result[0] is None and self.strict:
+        if res is None and self.strict:
             raise WindowExhaustedError(f"lrserve run {self.run_id!r}: report for step {s} failed")
-        return result[0]
+        return res
+
+    def _report_combined(self, s: int, combined: dict[str, float | None]) -> ReportResult | None:
+        """Chief rank 0: report the combined metrics (or keep them while offline)."""
+        assert self._client is not None
+        with self._io_lock:
+            self._flush_outbox()
+            res: ReportResult | None = None
+            if self._outbox:
+                self._outbox.append((s, combined))
+            else:
+                try:
+                    res = self._client.report(self.run_id, s, combined, rank=0)
+                    self._back_online()
+                except _UNAVAILABLE as exc:
+                    self._outbox.append((s, combined))
+                    self._went_offline(exc)
+                except ConflictError as exc:
+                    log.warning("lrserve: report ignored: %s", exc)
+            if res is not None:
+                cur = self._next or (self._bound.window if self._bound else None)
+                if cur is None or cur.version != res.get("version"):
+                    try:
+                        self._next = self._fetch(self._step)
+                    except _UNAVAILABLE as exc:
+                        self._went_offline(exc)
+        return res
 
     # -- fetching and installing windows ---------------------------------------------
 
@@ -691,8 +790,9 @@ class RemoteScheduler:
         s = int(state_dict["step"])
         with self._io_lock:
             self._step = s
+            self._untie()  # optimizer.load_state_dict() may have brought shared tensors
             for item in state_dict.get("outbox", []):
-                self._outbox.append((int(item[0]), {str(k): float(v) for k, v in item[1].items()}))
+                self._outbox.append((int(item[0]), metric_values(item[1])))
             held = state_dict.get("values") or {}
             if held:
                 # The checkpoint's values are the last known ones: in force until the

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 from anyio import to_thread
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 
-from service.api.auth import check_request, require_token
-from service.api.common import HotRoute
+from service.api.auth import authorize, require_token
+from service.api.common import HotRoute, is_hot
 from service.api.deps import StoreHolder
 from service.api.middleware import RequestMiddleware
 from service.api.problems import install_handlers
@@ -52,23 +55,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Without a token there is nothing to check: no per-request dependency at all.
     v1_deps = [Depends(require_token)] if settings.auth_enabled else []
-    for module in (lr, metrics, runs, inspect, preview, overrides):
-        app.include_router(module.router, dependencies=v1_deps)
+    v1_routers = [m.router for m in (lr, metrics, runs, inspect, preview, overrides)]
+    for router in v1_routers:
+        app.include_router(router, dependencies=v1_deps)
     app.include_router(health.router)
     app.include_router(dashboard.router)
-    # The two hot paths, matched before everything else (see HotRoute).
-    guard = check_request if settings.auth_enabled else None
+    # The hot paths (endpoints marked @hot), matched before everything else (see HotRoute),
+    # guarded by the same auth function as the documented routes' dependency.
+    guard = authorize if settings.auth_enabled else None
     app.router.routes[:0] = [
-        HotRoute("/v1/runs/{run_id}/lr", lr.get_lr, "GET", guard),
-        HotRoute("/v1/runs/{run_id}/metrics", metrics.post_metrics, "POST", guard),
+        HotRoute(route.path, route.endpoint, method, guard)
+        for router in v1_routers  # (the app holds included routers lazily: read their own)
+        for route in router.routes
+        if isinstance(route, APIRoute) and is_hot(route.endpoint)
+        for method in sorted(route.methods or ())
     ]
 
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     app.add_middleware(
         RequestMiddleware,
         max_body_bytes=settings.max_body_bytes,
         max_json_depth=settings.max_json_depth,
     )
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with every error answer under ``application/problem+json`` (the
+    media type it is sent with; FastAPI documents a response model as application/json)."""
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)
+        for item in document.get("paths", {}).values():
+            for operation in item.values():
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if status[:1] in ("4", "5") and "application/json" in content:
+                        content["application/problem+json"] = content.pop("application/json")
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def app_from_env() -> FastAPI:

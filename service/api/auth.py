@@ -24,19 +24,18 @@ def _matches(given: bytes, expected: str | None) -> bool:
 
 def require_token(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
+    """The FastAPI dependency of every ``/v1`` route: :func:`authorize`. (The ``HTTPBearer``
+    parameter only documents the scheme in OpenAPI; the check is ``authorize``'s alone.)"""
+    authorize(request)
+
+
+def authorize(request: Request) -> None:
     """401 without a valid token; 403 when a read-only token tries to write.
 
-    The FastAPI dependency of every ``/v1`` route (it also documents the scheme in OpenAPI).
-    """
-    check_credentials(request, None if credentials is None else credentials.credentials)
-
-
-def check_request(request: Request) -> None:
-    """:func:`require_token` for a hot route that skips FastAPI's dependency machinery.
-
-    Parses ``Authorization`` exactly as ``HTTPBearer(auto_error=False)`` does.
+    The one auth check, for the documented routes (through :func:`require_token`) and the
+    hot routes alike. Parses ``Authorization`` as ``HTTPBearer(auto_error=False)`` does.
     """
     authorization = request.headers.get("authorization")
     scheme, credentials = get_authorization_scheme_param(authorization)

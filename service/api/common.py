@@ -1,4 +1,4 @@
-"""Helpers shared by the routers: path types, JSON responses, run bodies, error mapping."""
+"""Helpers shared by the routers: path types, JSON answers, hand-read parameters, hot routes."""
 
 from __future__ import annotations
 
@@ -16,15 +16,10 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import Scope
 
-from service.api.problems import ApiError, run_not_found, validation_error
-from service.runs.model import RunError
-from service.runs.service import RunNotFound
-from service.schedules import SpecError
-from service.store import RunRecord
-from service.store.base import jsonable
+from service.api.problems import ApiError, validation_error
 
-T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Awaitable[Response]])
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 RunId = Annotated[
@@ -36,11 +31,21 @@ RunId = Annotated[
     ),
 ]
 
-_CONFLICT_TITLES = {
-    "run-conflict": "Run conflict",
-    "report-conflict": "Report conflict",
-    "stale-report": "Stale report",
-}
+
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats replaced by ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
+
+    Strict JSON has no literal for them; this is the wire encoding API clients decode.
+    """
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def json_bytes(body: Any) -> bytes:
@@ -81,20 +86,6 @@ class JsonBytesResponse(Response):
         ]
         if extra_headers:
             self.raw_headers.extend(extra_headers)
-
-
-def run_body(run: RunRecord) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "spec": json.loads(run.spec),
-        "version": run.version,
-        "created_at": run.created_at,
-        "updated_at": run.updated_at,
-        "step": run.step,
-        "completed_step": run.completed_step,
-        "state": json.loads(run.state),
-        "overrides": json.loads(run.overrides),
-    }
 
 
 def etag(version: int) -> str:
@@ -185,19 +176,19 @@ def json_body_openapi(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def translate(fn: Callable[..., T], *args: Any) -> T:
-    """Call a use case, turning model errors into problem responses."""
-    try:
-        return fn(*args)
-    except RunNotFound as exc:
-        raise run_not_found(exc.run_id) from None
-    except SpecError as exc:
-        raise validation_error(["body", *exc.loc], exc.msg) from None
-    except RunError as exc:
-        if exc.kind == "validation-error":
-            raise validation_error(exc.loc or ["body"], exc.message) from None
-        title = _CONFLICT_TITLES.get(exc.kind, "Conflict")
-        raise ApiError(409, exc.kind, title, exc.message) from None
+def hot(endpoint: Endpoint) -> Endpoint:
+    """Mark a documented route's endpoint as a hot path (see :class:`HotRoute`).
+
+    The endpoint is declared once, with FastAPI's decorator (its OpenAPI entry, response
+    model and errors); ``create_app`` puts a :class:`HotRoute` for every marked endpoint in
+    front of the routes, with the same auth function.
+    """
+    endpoint.__dict__["lrserve_hot"] = True
+    return endpoint
+
+
+def is_hot(endpoint: Callable[..., Any]) -> bool:
+    return bool(getattr(endpoint, "lrserve_hot", False))
 
 
 class HotRoute(Route):
@@ -207,8 +198,9 @@ class HotRoute(Route):
     FastAPI's per-route machinery (dependency solving, a sub-response, two exit stacks)
     only costs time: about 20 µs a request. This route calls the same
     endpoint without it, behind the same middleware and exception handlers (so errors are
-    the same problem+json). ``guard`` runs first (the bearer-token check when auth is on).
-    The FastAPI route stays registered, so OpenAPI still documents the endpoint.
+    the same problem+json). ``guard`` runs first (the bearer-token check when auth is on:
+    the same function the documented routes' dependency calls). The FastAPI route stays
+    registered behind it, so OpenAPI documents the endpoint from its one declaration.
     """
 
     def __init__(

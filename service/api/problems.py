@@ -15,8 +15,16 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.runs.errors import (
+    InvalidArgument,
+    ReportConflict,
+    RunConflict,
+    RunError,
+    RunNotFound,
+    StaleReport,
+)
+from service.runs.repository import StoreBusy, StoreError
 from service.schedules import SpecError
-from service.store import StoreBusy, StoreError
 
 log = logging.getLogger("lrserve.errors")
 
@@ -68,8 +76,18 @@ def validation_error(loc: Iterable[str | int], msg: str, detail: str | None = No
     )
 
 
-def run_not_found(run_id: str) -> ApiError:
-    return ApiError(404, "run-not-found", "Run not found", f"no run with id {run_id!r}")
+_RUN_ERRORS: dict[type[RunError], tuple[int, str, str]] = {
+    RunNotFound: (404, "run-not-found", "Run not found"),
+    RunConflict: (409, "run-conflict", "Run conflict"),
+    ReportConflict: (409, "report-conflict", "Report conflict"),
+    StaleReport: (409, "stale-report", "Stale report"),
+}
+
+
+def argument_location(request: Request, field: Iterable[str | int]) -> list[str | int]:
+    """Where a use case's argument came from: a GET's from the query (path parameters are
+    checked before any use case runs), anything else's from the body."""
+    return ["query" if request.method == "GET" else "body", *field]
 
 
 def problem_response(
@@ -109,6 +127,17 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def _invalid(request: Request, field: Iterable[Any], msg: str) -> Response:
+    loc = argument_location(request, _json_safe_loc(field))
+    return problem_response(
+        422,
+        "validation-error",
+        "Validation error",
+        f"{'.'.join(str(p) for p in loc)}: {msg}",
+        [{"loc": loc, "msg": msg}],
+    )
+
+
 def install_handlers(app: FastAPI) -> None:
     """Every exception becomes problem+json; unknown ones a logged 500 (never on purpose)."""
 
@@ -144,16 +173,19 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SpecError)
     async def _spec(request: Request, exc: SpecError) -> Response:
-        # Routers translate SpecError with the request's own location; this catches the rest
-        # (e.g. a window reaching past the largest exact step) as the client's problem.
-        loc = [str(p) if not isinstance(p, (str, int)) else p for p in exc.loc]
-        return problem_response(
-            422,
-            "validation-error",
-            "Validation error",
-            f"{'.'.join(str(p) for p in loc)}: {exc.msg}",
-            [{"loc": loc, "msg": exc.msg}],
-        )
+        # A spec that parses but cannot be compiled for its groups, or a window the engine
+        # refuses (past the largest exact step): the client's problem, located like
+        # pydantic's own errors.
+        return _invalid(request, exc.loc, exc.msg)
+
+    @app.exception_handler(InvalidArgument)
+    async def _argument(request: Request, exc: InvalidArgument) -> Response:
+        return _invalid(request, exc.field, exc.msg)
+
+    @app.exception_handler(RunError)
+    async def _run_error(request: Request, exc: RunError) -> Response:
+        status, slug, title = _RUN_ERRORS.get(type(exc), (409, "conflict", "Conflict"))
+        return problem_response(status, slug, title, exc.message)
 
     @app.exception_handler(StoreBusy)
     async def _busy(request: Request, exc: StoreBusy) -> Response:

@@ -10,22 +10,20 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import Field
 
+from service.runs.errors import InvalidArgument, ReportConflict, StaleReport
 from service.schedules import Program, ScheduleSpec
-from service.schedules.base import MAX_STEP
 
 Aggregate = Literal["mean", "min", "max", "rank0"]
 Values = dict[str, dict[str, npt.NDArray[np.float64]]]
 """Evaluated hyperparameters: group -> field -> values per step."""
-
-MAX_METRICS_PER_REPORT = 256
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 class RunSpec(ScheduleSpec):
@@ -40,67 +38,17 @@ class RunSpec(ScheduleSpec):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
-def _metric_value(value: Any) -> float | None:
-    # JSON has no NaN/Infinity literals: they arrive as these exact strings (or null).
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError("a metric value must be a number, null, 'NaN', 'Infinity' or '-Infinity'")
-    if isinstance(value, (int, float)):
-        # A NaN/Infinity literal (or 1e999, which parses as inf) is not JSON: refuse it so that
-        # a non-finite value is always an explicit string. A huge int must be a 422, not an
-        # OverflowError (a 500).
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise ValueError(
-                "must be a finite number: JSON has no NaN/Infinity literals, send the strings "
-                "'NaN', 'Infinity' or '-Infinity' (or null)"
-            )
-        return number
-    if isinstance(value, str) and value in _NONFINITE:
-        return _NONFINITE[value]
-    raise ValueError("a metric value must be a number, null, 'NaN', 'Infinity' or '-Infinity'")
+@dataclass(frozen=True)
+class OverrideChange:
+    """An operator's override: ``set`` replaces, ``scale`` multiplies ``field`` of ``groups``
+    (``None``: every group) from ``from_step`` on."""
 
-
-MetricValue = Annotated[float | None, BeforeValidator(_metric_value)]
-MetricName = Annotated[str, Field(min_length=1, max_length=200)]
-
-
-class ReportIn(BaseModel):
-    """The body of ``POST /v1/runs/{id}/metrics``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # The answer evaluates step + 1, which must stay an exact float64 step.
-    step: int = Field(ge=0, le=MAX_STEP - 2)
-    rank: int = Field(0, ge=0, le=4095)
-    values: dict[MetricName, MetricValue] = Field(max_length=MAX_METRICS_PER_REPORT)
-
-
-class OverrideIn(BaseModel):
-    """The body of ``POST /v1/runs/{id}/overrides``."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    from_step: int = Field(ge=0, le=MAX_STEP)
+    from_step: int
     action: Literal["scale", "set"]
-    value: float = Field(ge=0.0)
-    groups: list[str] | None = Field(None, min_length=1, max_length=1024)
-    field: str = Field("lr", min_length=1, max_length=100)
-    note: str = Field("", max_length=2000)
-
-
-class RunError(Exception):
-    """A request the run's current state refuses; ``kind`` names the problem slug."""
-
-    def __init__(self, kind: str, message: str, loc: Sequence[str | int] | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.loc = list(loc) if loc is not None else None
+    value: float
+    groups: Sequence[str] | None = None
+    field: str = "lr"
+    note: str = ""
 
 
 # -- compiled programs -----------------------------------------------------------------
@@ -179,25 +127,20 @@ def at_step(values: Values, index: int = 0) -> dict[str, dict[str, float]]:
 # -- overrides ---------------------------------------------------------------------------
 
 
-def make_override(program: Program, body: OverrideIn, at: str) -> dict[str, Any]:
+def make_override(program: Program, body: OverrideChange, at: str) -> dict[str, Any]:
     """The stored form of an override, checked against the run's groups and fields."""
     names = list(program.group_names)
     groups = list(body.groups) if body.groups is not None else names
     for i, g in enumerate(groups):
         if g not in names:
-            raise RunError(
-                "validation-error",
-                f"unknown group {g!r}; the run has {names}",
-                ["body", "groups", i],
-            )
+            raise InvalidArgument(("groups", i), f"unknown group {g!r}; the run has {names}")
         if body.field not in program.fields[g]:
-            raise RunError(
-                "validation-error",
+            raise InvalidArgument(
+                ("field",),
                 f"group {g!r} has no field {body.field!r}; it has {list(program.fields[g])}",
-                ["body", "field"],
             )
     if len(set(groups)) != len(groups):
-        raise RunError("validation-error", "groups are listed more than once", ["body", "groups"])
+        raise InvalidArgument(("groups",), "groups are listed more than once")
     return {
         "from_step": body.from_step,
         "action": body.action,
@@ -249,7 +192,15 @@ def aggregate(
             out[k] = col[0]
         elif how == "mean":
             # math.fsum: exactly rounded, so the mean does not depend on the ranks' order.
-            total = math.fsum(col) if all(math.isfinite(v) for v in col) else sum(col)
+            if all(math.isfinite(v) for v in col):
+                try:
+                    total = math.fsum(col)
+                except OverflowError:
+                    # Finite values whose sum is beyond a float: their mean is not.
+                    out[k] = float(sum(map(Fraction, col), Fraction(0)) / len(col))
+                    continue
+            else:
+                total = sum(col)
             out[k] = total / len(col)
         elif any(math.isnan(v) for v in col):
             out[k] = math.nan
@@ -272,14 +223,10 @@ class ReportPlan:
 
 
 def check_rank(compiled: Compiled, rank: int) -> None:
-    """A rank outside the run's world size is the client's mistake (422)."""
+    """A rank outside the run's world size is the caller's mistake."""
     world_size = compiled.spec.world_size
     if rank >= world_size:
-        raise RunError(
-            "validation-error",
-            f"rank {rank} is out of range for world_size {world_size}",
-            ["body", "rank"],
-        )
+        raise InvalidArgument(("rank",), f"rank {rank} is out of range for world_size {world_size}")
 
 
 def plan_report(
@@ -306,14 +253,9 @@ def plan_report(
     if completed_step is not None and (
         step < completed_step or (step == completed_step and mine is None)
     ):
-        raise RunError(
-            "stale-report",
-            f"step {step} is older than the newest completed step {completed_step}",
-        )
+        raise StaleReport(f"step {step} is older than the newest completed step {completed_step}")
     if mine is not None:
-        raise RunError(
-            "report-conflict", f"rank {rank} already reported other values for step {step}"
-        )
+        raise ReportConflict(f"rank {rank} already reported other values for step {step}")
     ranks = len(existing) + 1
     if ranks < spec.world_size:
         return ReportPlan(duplicate=False, complete=False, reported_ranks=ranks)

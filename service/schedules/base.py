@@ -10,6 +10,21 @@ service keeps that dict in its database and the transitions stay pure.
 Shapes: ``t`` is a 1-D float64 array of steps (local to the node: a child of
 SequentialLR sees its own time starting at 0); every per-group result is a
 ``(n_groups, len(t))`` float64 matrix.
+
+Two protocols: ``Curve`` is the value protocol every compiled node implements (``lr``, an
+optional ``momentum``, ``children``); ``Chainable`` adds torch's step-by-step ("chainable")
+recursion, which only ChainedScheduler and SequentialLR consume and only the nodes that are
+recursive in torch implement (``chainable(curve)`` gives any other curve the absolute default).
+
+Immutability and threads: a compiled ``Curve`` (and the ``Program`` holding it) is immutable
+after construction, except for caches behind a lock. A compiled program is shared (an
+``lru_cache`` in the service) and evaluated concurrently on the event loop and in worker
+threads, so evaluation must be thread-safe: a curve never writes an attribute while it is
+evaluated, other than filling a cache, and every cache is a pure function of the spec,
+bounded, and filled under one lock per cache (reads of an entry already there take no lock;
+cached arrays are read-only). The Program's one-step memo is a ``functools.lru_cache``.
+Compile-time wiring (ChainedScheduler setting ``MetricCurve.input_lr`` on its children while it
+is itself constructed) happens before the root curve exists, so it is part of construction.
 """
 
 from __future__ import annotations
@@ -134,7 +149,12 @@ class CompileContext:
 
 
 class Curve(ABC):
-    """A schedule node compiled for a fixed list of parameter groups."""
+    """A schedule node compiled for a fixed list of parameter groups: the value protocol.
+
+    ``lr`` is all a node must give; ``momentum`` where it cycles momentum; ``children`` where
+    it composes other curves (the tree ``metric_nodes`` walks). Nodes that torch computes
+    recursively also implement :class:`Chainable`.
+    """
 
     n_groups: int
 
@@ -146,6 +166,24 @@ class Curve(ABC):
         """Momentum (or beta1) per group, or ``None`` where this node leaves momentum alone."""
         return None
 
+    def children(self) -> Sequence[Curve]:
+        return ()
+
+    def metric_nodes(self) -> Iterator[MetricCurve]:
+        """Every metric-driven node in this subtree, in tree order (the order they observe)."""
+        for child in self.children():
+            yield from child.metric_nodes()
+
+
+class Chainable(Curve):
+    """torch's chainable recursion, for the nodes ChainedScheduler and SequentialLR compose.
+
+    Every method has the default of an *absolute* scheduler (LambdaLR, CyclicLR, OneCycleLR,
+    CosineAnnealingWarmRestarts, every other library's node): its value at ``t`` does not
+    depend on the lr before. Such nodes do not implement this protocol at all; a consumer
+    asks ``chainable(curve)``, which gives them these defaults.
+    """
+
     def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
         """torch's recursive ("chainable") step at integer steps ``t`` as an affine map.
 
@@ -153,8 +191,8 @@ class Curve(ABC):
         ``t = 0`` is the step torch's constructor performs (its ``lr_{-1}`` is the value the
         group had before). ChainedScheduler composes its children's maps and scans them, which
         reproduces torch exactly where the product of closed forms does not (CosineAnnealingLR
-        with ``eta_min`` or past ``T_max``). The default is an absolute scheduler (LambdaLR,
-        CyclicLR, OneCycleLR, CosineAnnealingWarmRestarts): ``A = 0``, ``B = lr(t)``.
+        with ``eta_min`` or past ``T_max``). The default is an absolute scheduler:
+        ``A = 0``, ``B = lr(t)``.
         """
         values = self.lr(t, state)
         return np.zeros_like(values), values
@@ -188,17 +226,32 @@ class Curve(ABC):
         ``None`` (the default) means absolute: ``lr = restart_lr(0)``, independent of the lr
         before the milestone. A node whose restart keeps the previous lr (MultiplicativeLR:
         ``lr * lambda(0)``) returns its map; SequentialLR then scans that segment from the
-        value the previous segment ended with, using ``chain_map`` for the later steps.
+        value the sequence had just before the milestone, using ``chain_map`` for later steps.
         """
         return None
 
-    def children(self) -> Sequence[Curve]:
-        return ()
 
-    def metric_nodes(self) -> Iterator[MetricCurve]:
-        """Every metric-driven node in this subtree, in tree order (the order they observe)."""
-        for child in self.children():
-            yield from child.metric_nodes()
+class _Absolute(Chainable):
+    """An absolute curve seen through the Chainable protocol (every default applies)."""
+
+    def __init__(self, curve: Curve) -> None:
+        self.n_groups = curve.n_groups
+        self.curve = curve
+
+    def lr(self, t: Steps, state: ProgramState) -> Matrix:
+        return self.curve.lr(t, state)
+
+    def momentum(self, t: Steps, state: ProgramState) -> Matrix | None:
+        return self.curve.momentum(t, state)
+
+    def children(self) -> Sequence[Curve]:
+        return (self.curve,)
+
+
+def chainable(curve: Curve) -> Chainable:
+    """``curve`` as a :class:`Chainable`: itself if it implements the protocol, else a view
+    with the absolute defaults (``A = 0, B = lr``; no multiplicative range; restart = ``lr``)."""
+    return curve if isinstance(curve, Chainable) else _Absolute(curve)
 
 
 class MetricCurve(Curve):
@@ -219,6 +272,9 @@ class MetricCurve(Curve):
     recursion with every step before ``t`` and the children before this one at ``t`` applied).
     A reduction decided by a report at ``s`` reduces that value at ``s + 1``. ``None``
     (standalone, SequentialLR child): the node multiplies its own base lr."""
+
+    def metric_nodes(self) -> Iterator[MetricCurve]:
+        yield self
 
     @abstractmethod
     def initial_state(self) -> dict[str, Any]:

@@ -10,6 +10,13 @@ computes in float32).
 
 ``join_schedules`` takes any lrserve schedules as children; each child sees its own time
 ``step - boundary``. ``sgdr_schedule`` takes ``warmup_cosine_decay_schedule`` arguments.
+Every join (``join_schedules``, and the ones optax builds inside ``sgdr_schedule`` and the
+``warmup_*`` schedules) is the one piecewise composite (:mod:`.piecewise`), which also carries a
+child's cycled momentum: a ``OneCycleLR`` or ``CyclicLR`` child cycles momentum in its segment;
+a later segment whose child does not cycle holds the last cycled value (as in SequentialLR);
+before the first cycling segment the group keeps its own momentum (optax children write
+nothing before they run; torch's SequentialLR shows what the cycling child's constructor
+wrote there instead).
 """
 
 from __future__ import annotations
@@ -27,11 +34,11 @@ from .base import (
     CompileContext,
     Curve,
     Matrix,
-    ProgramState,
     ScheduleNode,
     SpecError,
     Steps,
 )
+from .piecewise import Piecewise
 
 if TYPE_CHECKING:
     AnySchedule = Any
@@ -135,31 +142,24 @@ def _cosine_decay(init: Matrix, decay_steps: int, alpha: Matrix | float, exponen
     return fn
 
 
-def _join(fns: Sequence[Fn], boundaries: Sequence[int]) -> Fn:
-    # optax: where(step < boundary, previous, schedule(step - boundary)), in list order; the
-    # later schedules are evaluated only where they are used.
-    def fn(t: Steps) -> Matrix:
-        out = np.array(fns[0](t), dtype=np.float64)
-        for boundary, f in zip(boundaries, fns[1:], strict=False):
-            later = t >= boundary
-            if later.any():
-                out[:, later] = f(t[later] - boundary)
-        return out
-
-    return fn
+def _join(ctx: CompileContext, fns: Sequence[Fn], boundaries: Sequence[int]) -> Curve:
+    """optax's ``join_schedules`` of closed forms: the piecewise composite of their curves."""
+    return Piecewise(ctx.base, [FnCurve(ctx.n_groups, f) for f in fns], boundaries)
 
 
 def _warmup_cosine(
+    ctx: CompileContext,
     init: Matrix,
     peak: Matrix,
     warmup_steps: int,
     decay_steps: int,
     end: Matrix,
     exponent: float,
-) -> Fn:
+) -> Curve:
     with np.errstate(divide="ignore", invalid="ignore"):
         alpha = np.where(peak == 0.0, 0.0, end / peak)
     return _join(
+        ctx,
         [
             _polynomial(init, peak, 1, warmup_steps, 0),
             _cosine_decay(peak, decay_steps - warmup_steps, alpha, exponent),
@@ -394,8 +394,9 @@ class OptaxWarmupCosineDecayKwargs(BaseModel):
             raise ValueError("decay_steps (which includes the warmup) must exceed warmup_steps")
         return self
 
-    def build(self, ctx: CompileContext) -> Fn:
+    def build(self, ctx: CompileContext) -> Curve:
         return _warmup_cosine(
+            ctx,
             group_column(ctx, self.init_value, "init_value"),
             group_column(ctx, self.peak_value, "peak_value"),
             self.warmup_steps,
@@ -414,7 +415,7 @@ class OptaxWarmupCosineDecaySchedule(_OptaxNode, OptaxWarmupCosineDecayKwargs):
 
     type: Literal["optax.warmup_cosine_decay_schedule"]
 
-    def fn(self, ctx: CompileContext) -> Fn:
+    def compile(self, ctx: CompileContext) -> Curve:
         return self.build(ctx)
 
 
@@ -431,10 +432,11 @@ class OptaxWarmupExponentialDecaySchedule(_OptaxNode):
     staircase: bool = False
     end_value: GroupFloat | None = None
 
-    def fn(self, ctx: CompileContext) -> Fn:
+    def compile(self, ctx: CompileContext) -> Curve:
         peak = group_column(ctx, self.peak_value, "peak_value")
         end = None if self.end_value is None else group_column(ctx, self.end_value, "end_value")
         return _join(
+            ctx,
             [
                 _polynomial(
                     group_column(ctx, self.init_value, "init_value"), peak, 1, self.warmup_steps, 0
@@ -469,34 +471,15 @@ class OptaxSgdrSchedule(_OptaxNode):
             raise ValueError(f"the segments' decay_steps add up to more than {MAX_STEP}")
         return self
 
-    def fn(self, ctx: CompileContext) -> Fn:
-        fns: list[Fn] = []
+    def compile(self, ctx: CompileContext) -> Curve:
+        curves: list[Curve] = []
         boundaries: list[int] = []
         step = 0
         for i, kw in enumerate(self.cosine_kwargs):
-            fns.append(kw.build(ctx.child("cosine_kwargs", i)))
+            curves.append(kw.build(ctx.child("cosine_kwargs", i)))
             step += kw.decay_steps
             boundaries.append(step)
-        return _join(fns, boundaries[:-1])
-
-
-class _JoinCurve(Curve):
-    def __init__(self, n_groups: int, curves: list[Curve], boundaries: list[int]) -> None:
-        self.n_groups = n_groups
-        self._curves = curves
-        self._boundaries = boundaries
-
-    def lr(self, t: Steps, state: ProgramState) -> Matrix:
-        t = np.asarray(t, dtype=np.float64)
-        out = self._curves[0].lr(t, state)
-        for boundary, curve in zip(self._boundaries, self._curves[1:], strict=True):
-            later = t >= boundary
-            if later.any():
-                out[:, later] = curve.lr(t[later] - boundary, state)
-        return out
-
-    def children(self) -> Sequence[Curve]:
-        return self._curves
+        return Piecewise(ctx.base, curves, boundaries[:-1])
 
 
 class OptaxJoinSchedules(_OptaxNode):
@@ -534,7 +517,7 @@ class OptaxJoinSchedules(_OptaxNode):
             if not isinstance(child, ScheduleNode):
                 raise SpecError(child_ctx.loc, "is not a schedule")
             curves.append(child.compile(child_ctx))
-        return _JoinCurve(ctx.n_groups, curves, list(self.boundaries))
+        return Piecewise(ctx.base, curves, list(self.boundaries))
 
 
 NODES: tuple[type[ScheduleNode], ...] = (

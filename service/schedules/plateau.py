@@ -41,7 +41,6 @@ see an improvement again) so that ``best`` always stays finite and JSON-serialis
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
@@ -50,6 +49,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import (
     MAX_STEP,
+    Chainable,
     CompileContext,
     Curve,
     Matrix,
@@ -68,7 +68,7 @@ Factor = Annotated[float, Field(strict=True, ge=0, lt=1)]
 Vector = npt.NDArray[np.float64]
 
 
-class PlateauCurve(MetricCurve):
+class PlateauCurve(MetricCurve, Chainable):
     """What every plateau variant shares: the reduction table, evaluation and composition.
 
     Subclasses implement :meth:`_transition`, which updates the counters in place and, when
@@ -86,9 +86,6 @@ class PlateauCurve(MetricCurve):
         self.step_offset = ctx.step_offset
         self.base: Vector = np.asarray(ctx.base.lr, dtype=np.float64).copy()
         self.input_lr = None
-
-    def metric_nodes(self) -> Iterator[MetricCurve]:
-        yield self
 
     # -- state --------------------------------------------------------------------------
 

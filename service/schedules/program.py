@@ -4,13 +4,18 @@
 ``group_schedules``, ``param_schedules``); ``Program(spec)`` compiles it once. Evaluation and
 observation are pure: the metric-driven nodes' state is a JSON-serialisable dict passed in and
 returned, never kept on the program.
+
+A ``Program`` is an immutable value once constructed (see :mod:`.base`): the service shares one
+between requests and evaluates it from the event loop and worker threads at once. Its only
+mutable part is the one-step memo, a bounded thread-safe LRU of state-independent blocks.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +182,23 @@ _BLOCK = 256
 _BLOCKS_MAX_BYTES = 128 * 1024
 """Memo bound per program (compiled programs are themselves cached, 512 at most)."""
 
+Block = tuple[Matrix, Matrix | None]
+
+
+def _block(parts: Sequence[_Part], cycles: Sequence[bool], k: int, first: int) -> Block:
+    """Part ``k``'s (lr, cycled momentum) over ``[first, first + _BLOCK)``, read-only (it is
+    shared by every thread that reads the memo)."""
+    part = parts[k]
+    t = np.arange(first, min(first + _BLOCK, MAX_STEP), dtype=np.float64)
+    with np.errstate(all="ignore"):
+        lr = np.ascontiguousarray(part.curve.lr(t, {}), dtype=np.float64)
+        mom = part.curve.momentum(t, {}) if cycles[k] else None
+    lr.setflags(write=False)
+    if mom is not None:
+        mom = np.ascontiguousarray(mom, dtype=np.float64)
+        mom.setflags(write=False)
+    return lr, mom
+
 
 def _check_window(start: object, count: object) -> tuple[int, int]:
     for name, value in (("start", start), ("count", count)):
@@ -255,9 +277,26 @@ class Program:
         # Parts without a metric-driven node are pure functions of the step. For one step,
         # their values come from a memoised block (see _pure_block): a block costs about what
         # one step costs (numpy's per-call overhead), and a run is asked about nearby steps.
-        self._pure = tuple(next(iter(p.curve.metric_nodes()), None) is None for p in parts)
-        self._blocks: dict[tuple[int, int], tuple[Matrix, Matrix | None]] = {}
-        self._blocks_bytes = 0
+        # The memo is a bounded LRU (functools.lru_cache: thread-safe, and a miss computed by
+        # two threads at once is stored once). Its bound is fixed here: a part whose block is
+        # larger than a quarter of the budget is not memoised, and the entry count is what
+        # the budget holds of the largest memoised block.
+        probe, state = np.zeros(1), self.initial_state()
+        cycles = tuple(
+            p.field == "lr" and p.curve.momentum(probe, state) is not None for p in parts
+        )
+        memoised: list[bool] = []
+        largest = 0
+        for p, cycled in zip(parts, cycles, strict=True):
+            size = len(p.groups) * _BLOCK * 8 * (2 if cycled else 1)
+            memo = next(iter(p.curve.metric_nodes()), None) is None
+            memo = memo and size <= _BLOCKS_MAX_BYTES // 4
+            memoised.append(memo)
+            largest = max(largest, size) if memo else largest
+        self._memoised = tuple(memoised)
+        self._blocks = functools.lru_cache(maxsize=_BLOCKS_MAX_BYTES // max(largest, 1))(
+            functools.partial(_block, tuple(parts), cycles)
+        )
 
     def _check_param_momentum_conflicts(self) -> None:
         probe = np.zeros(1)
@@ -299,7 +338,7 @@ class Program:
         momentum_done: set[int] = set()
         with np.errstate(all="ignore"):
             for k, part in enumerate(self._parts):
-                if count == 1 and self._pure[k]:
+                if count == 1 and self._memoised[k]:
                     values, cycled = self._pure_block(k, start)
                 else:
                     values = part.curve.lr(t, full)
@@ -322,28 +361,13 @@ class Program:
                 out[self.group_names[i]][fld] = np.full(count, self._base_momentum[i])
         return {name: {f: out[name][f] for f in self.fields[name]} for name in self.group_names}
 
-    def _pure_block(self, k: int, step: int) -> tuple[Matrix, Matrix | None]:
+    def _pure_block(self, k: int, step: int) -> Block:
         """Part ``k``'s (lr, cycled momentum) at ``step`` (shape ``(groups, 1)``), sliced from a
         memoised block of ``_BLOCK`` steps. Only for parts without metric-driven nodes, whose
         values do not depend on the state: the memo is a pure recomputation cache."""
         first = step - step % _BLOCK
-        block = self._blocks.get((k, first))
-        if block is None:
-            part = self._parts[k]
-            t = np.arange(first, min(first + _BLOCK, MAX_STEP), dtype=np.float64)
-            state = self.initial_state()
-            lr = part.curve.lr(t, state)
-            mom = part.curve.momentum(t, state) if part.field == "lr" else None
-            block = (lr, mom)
-            size = lr.nbytes + (0 if mom is None else mom.nbytes)
-            if size <= _BLOCKS_MAX_BYTES // 4:
-                if self._blocks_bytes + size > _BLOCKS_MAX_BYTES:
-                    self._blocks.clear()  # crude bound; refilled by the next calls
-                    self._blocks_bytes = 0
-                self._blocks[(k, first)] = block
-                self._blocks_bytes += size
+        lr, mom = self._blocks(k, first)
         i = step - first
-        lr, mom = block
         # Copies: callers own what evaluate returns and may write to it.
         return lr[:, i : i + 1].copy(), None if mom is None else mom[:, i : i + 1].copy()
 

@@ -30,6 +30,7 @@ from . import (
     torch_compose,
     torch_cyclic,
     torch_lambda,
+    torch_swa,
     transformers_nodes,
 )
 from .base import ScheduleNode
@@ -38,6 +39,7 @@ NODE_MODULES: tuple[ModuleType, ...] = (
     torch_basic,
     torch_lambda,
     torch_cyclic,
+    torch_swa,
     plateau,
     torch_compose,
     transformers_nodes,

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from .base import (
     MAX_STEP,
+    Chainable,
     CompileContext,
     Curve,
     Matrix,
@@ -36,7 +37,7 @@ def _row(values: Matrix, n_groups: int) -> Matrix:
     return np.broadcast_to(values, (n_groups, values.shape[-1])).copy()
 
 
-class _FactorCurve(Curve):
+class _FactorCurve(Chainable):
     """A purely multiplicative torch scheduler: ``lr = base * F(t)``.
 
     Subclasses give ``_cumulative(t)`` (``F``: the product of torch's ratios from the
@@ -302,7 +303,7 @@ class CosineAnnealingLR(ScheduleNode):
         return _CosineCurve(ctx, self.T_max, self.eta_min)
 
 
-class _CosineCurve(Curve):
+class _CosineCurve(Chainable):
     """torch's recursion: ``eta + (lr - eta) * n_t / n_{t-1}`` with ``n_t = 1 + cos(pi t / T)``.
 
     It telescopes to ``eta + (base - eta) * n_t / 2`` up to ``T_max``. At ``t = T_max + 1``

@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 
@@ -24,6 +25,7 @@ from pydantic import Field, model_validator
 from .base import (
     MAX_SCAN,
     MAX_STEP,
+    Chainable,
     CompileContext,
     Curve,
     Matrix,
@@ -34,9 +36,11 @@ from .base import (
     ScheduleNode,
     SpecError,
     Steps,
+    chainable,
     compose_maps,
     scan_affine,
 )
+from .piecewise import Piecewise, runs
 
 if TYPE_CHECKING:
     from .spec import AnySchedule
@@ -46,10 +50,6 @@ MAX_CHILDREN = 1024
 
 _CHUNK = 1 << 18
 """Steps per scan chunk: bounds the scan's memory whatever the horizon."""
-
-
-def _has_momentum(curve: Curve, state: ProgramState) -> bool:
-    return curve.momentum(np.zeros(1), state) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,32 +97,20 @@ class SequentialLR(ScheduleNode):
         return _SequentialCurve(ctx, children, list(self.milestones))
 
 
-class _SequentialCurve(Curve):
+class _SequentialCurve(Piecewise, Chainable):
+    """SequentialLR: the piecewise composite with torch's restart at each milestone, its
+    chain map (as a ChainedScheduler child), and torch's lead momentum (see piecewise)."""
+
     def __init__(self, ctx: CompileContext, children: list[Curve], milestones: list[int]) -> None:
-        self.n_groups = ctx.n_groups
+        super().__init__(ctx.base, children, milestones)
+        self.loc = ctx.loc
         self.base = ctx.base.lr.reshape(-1, 1)
-        self.kids = children
-        self.milestones = np.asarray(milestones, dtype=np.float64)
-        self.starts = np.asarray([0, *milestones], dtype=np.float64)
+        self.chain: tuple[Chainable, ...] = tuple(chainable(c) for c in self.kids)
+        cycling = [i for i, c in enumerate(self.cycled) if c]
+        self._lead_from = cycling[-1] if cycling else None
 
-    def children(self) -> Sequence[Curve]:
-        return self.kids
-
-    def _segments(self, t: Steps) -> tuple[npt.NDArray[np.intp], Steps]:
-        idx = np.searchsorted(self.milestones, t, side="right")
-        return idx, t - self.starts[idx]
-
-    def lr(self, t: Steps, state: ProgramState) -> Matrix:
-        t = np.asarray(t, dtype=np.float64)
-        idx, local = self._segments(t)
-        out = np.empty((self.n_groups, len(t)))
-        for k in np.unique(idx):
-            mask = idx == k
-            out[:, mask] = self._segment_lr(int(k), local[mask], state)
-        return out
-
-    def _segment_lr(self, k: int, local: Steps, state: ProgramState) -> Matrix:
-        child = self.kids[k]
+    def segment_lr(self, k: int, local: Steps, state: ProgramState) -> Matrix:
+        child = self.chain[k]
         if self.starts[k] == 0:
             # Active at step 0: torch runs its initial step (SequentialLR reset the lr to the
             # base first), so it behaves exactly as a standalone scheduler.
@@ -132,8 +120,16 @@ class _SequentialCurve(Curve):
             return child.restart_lr(local, state)
         # A restart that keeps the previous lr (MultiplicativeLR): scan the segment from the
         # value the sequence had just before the milestone.
+        last = int(local.max())
+        if last >= MAX_SCAN:
+            raise SpecError(
+                (*self.loc, "schedulers", k),
+                f"this child keeps the lr it finds at its milestone, so it is evaluated step by "
+                f"step from there: at most {MAX_SCAN} steps after milestone "
+                f"{int(self.starts[k])} (asked {last})",
+            )
         x0 = self.lr(np.asarray([self.starts[k] - 1]), state)[:, 0]
-        steps = np.arange(0, int(local.max()) + 1, dtype=np.float64)
+        steps = np.arange(0, last + 1, dtype=np.float64)
         a, b = child.chain_map(steps, state)
         a[:, :1], b[:, :1] = restart
         values = scan_affine(a, b, x0)
@@ -141,15 +137,15 @@ class _SequentialCurve(Curve):
 
     def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
         t = np.asarray(t, dtype=np.float64)
-        idx, local = self._segments(t)
+        idx, local = self.segments(t)
         a = np.empty((self.n_groups, len(t)))
         b = np.empty((self.n_groups, len(t)))
-        for k in np.unique(idx):
-            mask = idx == k
-            child = self.kids[int(k)]
-            ak, bk = child.chain_map(local[mask], state)
-            a[:, mask], b[:, mask] = ak, bk
-            at0 = np.nonzero(mask & (local == 0))[0]
+        positions = np.arange(len(t))
+        for k, sel in runs(idx):
+            child = self.chain[k]
+            ak, bk = child.chain_map(local[sel], state)
+            a[:, sel], b[:, sel] = ak, bk
+            at0 = positions[sel][local[sel] == 0]
             if len(at0) == 0:
                 continue
             if self.starts[k] == 0:
@@ -166,33 +162,12 @@ class _SequentialCurve(Curve):
                     a[:, at0], b[:, at0] = restart
         return a, b
 
-    def momentum(self, t: Steps, state: ProgramState) -> Matrix | None:
-        cycled = [_has_momentum(c, state) for c in self.kids]
-        if not any(cycled):
-            return None
-        t = np.asarray(t, dtype=np.float64)
-        idx, local = self._segments(t)
-        out = np.empty((self.n_groups, len(t)))
-        for k in np.unique(idx):
-            mask = idx == k
-            if cycled[int(k)]:
-                values = self.kids[int(k)].momentum(local[mask], state)
-                assert values is not None
-                out[:, mask] = values
-            else:
-                out[:, mask] = self._held_momentum(int(k), cycled, state)
-        return out
-
-    def _held_momentum(self, k: int, cycled: list[bool], state: ProgramState) -> Matrix:
-        """torch leaves momentum alone while a non-cycling child runs: it keeps the last value
-        written, i.e. the value just before the segment, or at the start the value the last
-        momentum-cycling child's constructor wrote (its own step 0)."""
-        if self.starts[k] > 0:
-            before = self.momentum(np.asarray([self.starts[k] - 1]), state)
-            assert before is not None
-            return before
-        last = max(i for i, c in enumerate(cycled) if c)
-        values = self.kids[last].momentum(np.zeros(1), state)
+    def lead(self, state: ProgramState) -> Matrix:
+        """torch leaves momentum alone while a non-cycling child runs: before any cycling child
+        has run, it is what the last momentum-cycling child's constructor wrote (its own step
+        0), since torch constructs every child before the sequence starts."""
+        assert self._lead_from is not None  # only asked when some child cycles momentum
+        values = self.kids[self._lead_from].momentum(np.zeros(1), state)
         assert values is not None
         return values
 
@@ -214,22 +189,28 @@ class ChainedScheduler(ScheduleNode):
         return _ChainedCurve(ctx, children)
 
 
-class _ChainedCurve(Curve):
+class _ChainedCurve(Chainable):
     def __init__(self, ctx: CompileContext, children: list[Curve]) -> None:
         self.n_groups = ctx.n_groups
         self.loc = ctx.loc
         self.base = ctx.base.lr.reshape(-1, 1)
-        self.kids = children
+        self.kids: tuple[Curve, ...] = tuple(children)
+        self.chain: tuple[Chainable, ...] = tuple(chainable(c) for c in children)
         # A metric-driven child decides on the chain's value just before it (torch's
         # ReduceLROnPlateau.step() run at that place in the chain): MetricCurve.input_lr.
+        # Compile-time wiring, done before this curve (let alone the program) is shared.
         for k, kid in enumerate(children):
             if isinstance(kid, MetricCurve):
                 kid.input_lr = partial(self._value_before, k)
-        self.horizon = min(c.mult_horizon() for c in children)
+        self.horizon = min(c.mult_horizon() for c in self.chain)
         self.stateless = not any(True for _ in self.metric_nodes())
-        # Scan checkpoints (value at the end of each chunk) when values do not depend on
-        # state, so that later windows do not rescan from step 0.
-        self._checkpoints: dict[int, Matrix] = {}
+        # Scan checkpoints when values do not depend on state, so that later windows do not
+        # rescan from the horizon: _checkpoints[i] is the lr at step horizon + (i+1)*_CHUNK - 1,
+        # where the scan chunk starting at horizon + (i+1)*_CHUNK begins. A pure function of
+        # the spec; append-only under _lock (so the index of an entry never shifts), read
+        # without it; at most MAX_SCAN // _CHUNK entries.
+        self._checkpoints: list[npt.NDArray[np.float64]] = []
+        self._lock = threading.Lock()
 
     def children(self) -> Sequence[Curve]:
         return self.kids
@@ -243,20 +224,20 @@ class _ChainedCurve(Curve):
         t = np.asarray(t, dtype=np.float64)
         prev = self.lr(np.maximum(t - 1, 0), state)
         x = np.where(t[None, :] > 0, prev, self.base)
-        for kid in self.kids[:k]:
+        for kid in self.chain[:k]:
             a, b = kid.chain_map(t, state)
             x = a * x + b
         return x
 
     def factor(self, t: Steps, state: ProgramState) -> Matrix:
         out = np.ones((self.n_groups, len(t)))
-        for child in self.kids:
+        for child in self.chain:
             out = out * child.factor(t, state)
         return out
 
     def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
-        a, b = self.kids[0].chain_map(t, state)
-        for child in self.kids[1:]:
+        a, b = self.chain[0].chain_map(t, state)
+        for child in self.chain[1:]:
             a, b = compose_maps((a, b), child.chain_map(t, state))
         return a, b
 
@@ -298,7 +279,7 @@ class _ChainedCurve(Curve):
             values = scan_affine(a, b, x)
             x = values[:, -1]
             if self.stateless and hi - lo == _CHUNK and (hi - self.horizon) % _CHUNK == 0:
-                self._checkpoints[hi] = x.copy()
+                self._record((hi - self.horizon) // _CHUNK - 1, x)
             stop = pos + int(np.searchsorted(t[order[pos:]], hi, side="left"))
             if stop > pos:
                 sel = order[pos:stop]
@@ -306,14 +287,23 @@ class _ChainedCurve(Curve):
                 pos = stop
         return out
 
+    def _record(self, i: int, x: Matrix) -> None:
+        """Keep checkpoint ``i`` (see ``__init__``). Chunks are aligned on the horizon, so
+        every thread computes the same bits for it; the first one stores them."""
+        with self._lock:
+            if len(self._checkpoints) == i:
+                value = np.array(x, dtype=np.float64)
+                value.setflags(write=False)
+                self._checkpoints.append(value)
+
     def _start(self, horizon: int, first: int, state: ProgramState) -> tuple[int, Matrix]:
         """Where the scan starts and the lr just before it (from a checkpoint or the
         closed-form product at ``horizon - 1``)."""
         if self.stateless:
-            usable = [s for s in self._checkpoints if s <= first]
-            if usable:
-                s = max(usable)
-                return s, self._checkpoints[s]
+            # The last checkpoint at or before ``first`` (lock-free: entries never change).
+            i = min(len(self._checkpoints), (first - horizon) // _CHUNK) - 1
+            if i >= 0:
+                return horizon + (i + 1) * _CHUNK, self._checkpoints[i]
         if horizon == 0:
             return 0, self.base[:, 0].copy()
         x = self.base * self.factor(np.asarray([horizon - 1], dtype=np.float64), state)
@@ -363,18 +353,16 @@ def _contains_chained(curve: Curve) -> bool:
     return isinstance(curve, _ChainedCurve) or any(_contains_chained(c) for c in curve.children())
 
 
-class _EpochsCurve(Curve):
+class _EpochsCurve(Chainable):
     def __init__(self, ctx: CompileContext, child: Curve, spe: int, fractional: bool) -> None:
         self.n_groups = ctx.n_groups
         self.child = child
+        self.chain = chainable(child)
         self.spe = spe
         self.fractional = fractional
 
     def children(self) -> Sequence[Curve]:
         return (self.child,)
-
-    def metric_nodes(self) -> Iterator[MetricCurve]:
-        return iter(())
 
     def _epoch(self, t: Steps) -> Steps:
         t = np.asarray(t, dtype=np.float64)
@@ -387,18 +375,18 @@ class _EpochsCurve(Curve):
         return self.child.momentum(self._epoch(t), state)
 
     def restart_lr(self, t: Steps, state: ProgramState) -> Matrix:
-        return self.child.restart_lr(self._epoch(t), state)
+        return self.chain.restart_lr(self._epoch(t), state)
 
     def restart_map(self, state: ProgramState) -> tuple[Matrix, Matrix] | None:
-        return self.child.restart_map(state)
+        return self.chain.restart_map(state)
 
     def mult_horizon(self) -> int:
         if self.fractional:
             return 0
-        return min(self.child.mult_horizon() * self.spe, MAX_STEP + 1)
+        return min(self.chain.mult_horizon() * self.spe, MAX_STEP + 1)
 
     def factor(self, t: Steps, state: ProgramState) -> Matrix:
-        return self.child.factor(self._epoch(t), state)
+        return self.chain.factor(self._epoch(t), state)
 
     def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
         if self.fractional:
@@ -408,7 +396,7 @@ class _EpochsCurve(Curve):
         b = np.zeros((self.n_groups, len(t)))
         edge = np.mod(t, self.spe) == 0
         if edge.any():
-            a[:, edge], b[:, edge] = self.child.chain_map(t[edge] / self.spe, state)
+            a[:, edge], b[:, edge] = self.chain.chain_map(t[edge] / self.spe, state)
         return a, b
 
 

@@ -1,11 +1,12 @@
 """torch's ``CyclicLR`` and ``OneCycleLR``, learning rate and momentum, as closed forms.
 
 Both are absolute in torch (computed from their own endpoints every step, never from the
-current lr), so the default ``Curve.chain_map`` (``A = 0, B = lr(t)``) is what
-``ChainedScheduler`` does with them. Both *ignore the group's lr*: CyclicLR starts from
-``base_lr``, OneCycleLR from ``max_lr / div_factor``. Both cycle momentum (written to
-``momentum``, or to ``betas[0]`` for Adam-style groups) unless ``cycle_momentum`` is false;
-torch raises for an optimizer without momentum or betas, and so do we, naming the group.
+current lr), so they do not implement ``Chainable``: ``ChainedScheduler`` sees them through
+``chainable()``'s absolute default (``A = 0, B = lr(t)``). Both *ignore the group's lr*:
+CyclicLR starts from ``base_lr``, OneCycleLR from ``max_lr / div_factor``. Both cycle
+momentum (written to ``momentum``, or to ``betas[0]`` for Adam-style groups) unless
+``cycle_momentum`` is false; torch raises for an optimizer without momentum or betas, and so
+do we, naming the group.
 
 CyclicLR ``triangular2`` from cycle 1025 on: torch's ``1 / 2.0 ** (cycle - 1)`` raises
 ``OverflowError``; we return the limit (amplitude 0: ``lr = base_lr``, momentum

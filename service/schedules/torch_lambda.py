@@ -12,6 +12,7 @@ with one expression per parameter group, as torch accepts a list of functions.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -20,6 +21,7 @@ from pydantic import field_validator
 
 from .base import (
     MAX_STEP,
+    Chainable,
     CompileContext,
     Curve,
     Matrix,
@@ -91,33 +93,50 @@ class LambdaCurve(Curve):
         return self.base * _eval_rows(self.exprs, t)
 
 
-class MultiplicativeCurve(Curve):
+class MultiplicativeCurve(Chainable):
     """``lr_t = lr_{t-1} * lambda(t)``, evaluated from cached running products."""
 
     def __init__(self, base: np.ndarray, exprs: Sequence[Expr]) -> None:
         self.n_groups = len(exprs)
         self.base = np.asarray(base, dtype=np.float64)
         self.exprs = list(exprs)
-        # _checkpoints[k] = lr at step k * _CHUNK per group (k = 0 is the base). Filled lazily;
-        # a pure function of the spec, so caching it on the curve is safe.
-        self._checkpoints: list[np.ndarray] = [self.base.copy()]
-        self._unit: MultiplicativeCurve | None = None
+        # _checkpoints[k] = lr at step k * _CHUNK per group (k = 0 is the base): a pure
+        # function of the spec, filled lazily in order (each needs the one before) under
+        # _lock and read without it (append-only, so an entry never changes or moves once
+        # there). At most MULTIPLICATIVE_EXACT_STEPS // _CHUNK + 1 entries.
+        first = self.base.copy()
+        first.setflags(write=False)
+        self._checkpoints: list[np.ndarray] = [first]
+        self._lock = threading.Lock()
+        # The same recursion from 1 (ChainedScheduler's factor), built now, not on first use.
+        unit = bool(np.all(self.base == 1.0))
+        self._unit = self if unit else MultiplicativeCurve(np.ones(self.n_groups), self.exprs)
 
     def _factors(self, start: int, stop: int) -> Matrix:
         steps = np.arange(start, stop, dtype=np.float64)
         return _eval_rows(self.exprs, steps)
 
+    def _checkpoint(self, k: int) -> np.ndarray:
+        """The lr at step ``k * _CHUNK`` (filling the checkpoints up to ``k`` if needed)."""
+        checkpoints = self._checkpoints
+        if k < len(checkpoints):
+            return checkpoints[k]
+        with self._lock:
+            while len(checkpoints) <= k:
+                j = len(checkpoints) - 1
+                value = self._accumulate(j, checkpoints[j])[:, -1].copy()
+                value.setflags(write=False)
+                checkpoints.append(value)
+        return checkpoints[k]
+
     def _chunk(self, k: int) -> Matrix:
         """Values at steps ``k*_CHUNK .. (k+1)*_CHUNK`` (inclusive), shape ``(G, _CHUNK+1)``."""
-        while len(self._checkpoints) <= k:
-            j = len(self._checkpoints) - 1
-            self._checkpoints.append(self._accumulate(j)[:, -1].copy())
-        return self._accumulate(k)
+        return self._accumulate(k, self._checkpoint(k))
 
-    def _accumulate(self, k: int) -> Matrix:
+    def _accumulate(self, k: int, start_lr: np.ndarray) -> Matrix:
         start = k * _CHUNK
         factors = self._factors(start + 1, start + _CHUNK + 1)
-        seq = np.concatenate([self._checkpoints[k].reshape(-1, 1), factors], axis=1)
+        seq = np.concatenate([start_lr.reshape(-1, 1), factors], axis=1)
         with np.errstate(all="ignore"):
             return np.multiply.accumulate(seq, axis=1)
 
@@ -148,8 +167,6 @@ class MultiplicativeCurve(Curve):
         return MAX_STEP
 
     def factor(self, t: Steps, state: ProgramState) -> Matrix:
-        if self._unit is None:
-            self._unit = MultiplicativeCurve(np.ones(self.n_groups), self.exprs)
         return self._unit.lr(t, state)
 
     def restart_map(self, state: ProgramState) -> tuple[Matrix, Matrix] | None:

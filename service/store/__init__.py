@@ -1,17 +1,10 @@
-"""Storage: the :class:`Store` protocol and its SQLite and PostgreSQL implementations."""
+"""SQLite and PostgreSQL implementations of the run layer's repository
+(:class:`service.runs.repository.Store`): the run layer owns the protocol, this package
+implements it."""
 
 from __future__ import annotations
 
-from service.store.base import (
-    EventRow,
-    ReportRow,
-    RunRecord,
-    RunSummary,
-    RunTx,
-    Store,
-    StoreBusy,
-    StoreError,
-)
+from service.runs.repository import Store
 
 
 def open_store(
@@ -37,14 +30,4 @@ def open_store(
     )
 
 
-__all__ = [
-    "EventRow",
-    "ReportRow",
-    "RunRecord",
-    "RunSummary",
-    "RunTx",
-    "Store",
-    "StoreBusy",
-    "StoreError",
-    "open_store",
-]
+__all__ = ["open_store"]

@@ -17,7 +17,7 @@ import psycopg
 import psycopg.errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from service.store.base import RunRecord, StoreBusy, StoreError
+from service.runs.repository import RunRecord, StoreBusy, StoreError
 from service.store.sql import SqlStore
 
 MIGRATION_LOCK_KEY = 0x6C72_7365  # "lrse": one advisory lock id for schema migrations
@@ -55,6 +55,10 @@ class PostgresStore(SqlStore):
                 "options": f"-c lock_timeout={int(busy_timeout_ms)} -c statement_timeout=30000",
                 "connect_timeout": max(1, int(timeout_s)),
                 "application_name": "lrserve",
+                # Text as UTF-8 whatever the database's encoding: on a SQL_ASCII database
+                # psycopg would otherwise return bytes, and a run id read back as b"..."
+                # broke every report (a foreign-key error, answered 503).
+                "client_encoding": "UTF8",
             },
         )
         self.pool.open(wait=False)

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, contextmanager
 from importlib import resources
 from typing import Any
 
-from service.store.base import (
+from service.runs.repository import (
     EventRow,
     ReportRow,
     RunRecord,
@@ -102,6 +102,9 @@ class SqlTx:
             self._conn, self.run.id, self.run.event_seq, type, step, data, self.now
         )
         return self.run.event_seq
+
+    def event_at(self, type: str, step: int) -> EventRow | None:
+        return self._store.event_at_on(self._conn, self.run.id, type, step)
 
     def save(self) -> None:
         run = self.run
@@ -308,13 +311,17 @@ class SqlStore(ABC):
 
     def event_at(self, run_id: str, type: str, step: int) -> EventRow | None:
         with self.errors(), self.read_conn() as conn:
-            row = conn.execute(
-                self.q(
-                    "SELECT seq, type, step, at, data FROM events WHERE run_id = ? AND type = ? "
-                    "AND step = ? ORDER BY seq DESC LIMIT 1"
-                ),
-                (run_id, type, step),
-            ).fetchone()
+            return self.event_at_on(conn, run_id, type, step)
+
+    def event_at_on(self, conn: Any, run_id: str, type: str, step: int) -> EventRow | None:
+        """:meth:`event_at` on a given connection (a transaction's own)."""
+        row = conn.execute(
+            self.q(
+                "SELECT seq, type, step, at, data FROM events WHERE run_id = ? AND type = ? "
+                "AND step = ? ORDER BY seq DESC LIMIT 1"
+            ),
+            (run_id, type, step),
+        ).fetchone()
         if row is None:
             return None
         return EventRow(

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
-from service.store.base import RunRecord, StoreBusy, StoreError, WouldBlock
+from service.runs.repository import RunRecord, StoreBusy, StoreError, WouldBlock
 from service.store.sql import RUN_COLUMNS, SqlStore, SqlTx, record_of
 
 _BUSY_MARKERS = ("locked", "busy")
@@ -111,7 +111,7 @@ class SqliteStore(SqlStore):
         # meanwhile, so it completes (no writer of ours appends while it runs) and the next
         # writer starts the WAL over. Without it a steady stream of writes always outran the
         # checkpoint and the WAL grew without bound (400 MB in 5 s of bench_http.py), every
-        # commit getting slower. Inline writers refused meanwhile retry shortly (db_write).
+        # commit getting slower. Inline writers refused meanwhile retry shortly (Runs._write).
         with contextlib.suppress(sqlite3.Error):
             conn = self._connection()
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import math
 import time
 import warnings
 from typing import Any
 
 import lrserve
 import pytest
+import torch
 from lrserve.torch import LRServeOfflineWarning, RemoteScheduler, WindowExhaustedError
 
 from tests.conftest import free_port
@@ -118,3 +121,44 @@ def test_starting_while_the_service_is_down(server_factory: Any) -> None:
     assert sched.last_epoch == 2
     assert sched.get_last_lr() == pytest.approx([0.1 * 0.1, 0.01 * 0.1], rel=1e-12)
     sched.close()
+
+
+@pytest.mark.filterwarnings("ignore::lrserve.torch.LRServeOfflineWarning")
+def test_a_none_report_kept_offline_is_checkpointed_and_delivered(
+    live_server: Any, server_factory: Any
+) -> None:
+    """None ("no value") and NaN go through the outbox, state_dict() and the replay."""
+    node = {"type": "ReduceLROnPlateau", "metric": "val_loss", "patience": 0}
+    sched = RemoteScheduler(sgd(), "null-outbox", url=live_server.url, spec={"schedule": node})
+    for _ in range(5):
+        sched.step()
+    live_server.kill()
+    assert sched.report({"val_loss": None, "acc": torch.tensor(math.nan)}) is None  # kept
+    buffer = io.BytesIO()
+    torch.save({"sched": sched.state_dict()}, buffer)
+    sched.close()
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)["sched"]
+    [(step, kept)] = state["outbox"]
+    assert step == 5 and kept["val_loss"] is None and math.isnan(kept["acc"])
+
+    restart_same_port(live_server, server_factory)
+    resumed = RemoteScheduler(sgd(), "null-outbox", url=live_server.url)
+    resumed.load_state_dict(state)  # sends the kept report
+    assert resumed.state_dict()["outbox"] == []
+    resumed.close()
+    with lrserve.Client(live_server.url) as client:
+        assert client.get_metrics("null-outbox", "val_loss")["points"][0]["value"] is None
+        assert client.get_metrics("null-outbox", "acc")["points"][0]["value"] == "NaN"
+
+
+def test_load_state_dict_replays_null_values(live_server: Any) -> None:
+    spec = {"schedule": {"type": "ExponentialLR", "gamma": 0.5}}
+    with RemoteScheduler(sgd(), "null-replay", url=live_server.url, spec=spec) as sched:
+        sched.load_state_dict(
+            {"run": "null-replay", "step": 4, "outbox": [[3, {"val_loss": None, "x": 0.5}]]}
+        )
+        assert sched.last_epoch == 4 and sched.state_dict()["outbox"] == []
+    with lrserve.Client(live_server.url) as client:
+        points = client.get_metrics("null-replay", "val_loss")["points"]
+    assert [(p["step"], p["value"]) for p in points] == [(3, None)]

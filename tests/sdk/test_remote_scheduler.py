@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
 
 import httpx
 import lrserve
+import numpy as np
 import pytest
 import torch
 from lrserve.torch import RemoteScheduler, groups_from_optimizer
@@ -219,3 +221,65 @@ def test_scheduled_weight_decay_is_applied(live_server: Any) -> None:
             wd_ref_opt.step()
             wd_ref.step()
             sched.step()
+
+
+def test_report_accepts_none_numpy_scalars_and_one_element_tensors(live_server: Any) -> None:
+    """None is "no value" (null on the wire); numpy scalars and tensors are read as numbers."""
+    node = {"type": "ReduceLROnPlateau", "metric": "val_loss", "factor": 0.5, "patience": 0}
+    with RemoteScheduler(
+        sgd(), "report-values", url=live_server.url, spec={"schedule": node}
+    ) as sched:
+        sched.step()
+        res = sched.report({"val_loss": None})  # no value this time: the plateau skips it
+        assert res is not None and res["decision"]["reduced"] is False
+        sched.step()
+        values = {
+            "val_loss": torch.tensor(0.5, requires_grad=True) * 1.0,
+            "np32": np.float32(0.25),
+            "np64": np.float64(-1.5),
+            "t1": torch.tensor([0.125], dtype=torch.float64),
+            "nan": torch.tensor(math.nan),
+            "inf": np.float64(math.inf),
+            "none": None,
+        }
+        assert sched.report(values) is not None
+        sched.step()
+        assert sched.report({"val_loss": np.float64(0.75)}) is not None  # worse: reduced
+        sched.step()
+        assert sched.get_last_lr() == [0.05, 0.005]
+    with lrserve.Client(live_server.url) as client:
+
+        def stored(name: str) -> list[tuple[int, Any]]:
+            return [
+                (p["step"], p["value"]) for p in client.get_metrics("report-values", name)["points"]
+            ]
+
+        assert stored("val_loss") == [(1, None), (2, 0.5), (3, 0.75)]
+        assert stored("np32") == [(2, 0.25)] and stored("np64") == [(2, -1.5)]
+        assert stored("t1") == [(2, 0.125)] and stored("none") == [(2, None)]
+        assert stored("nan") == [(2, "NaN")] and stored("inf") == [(2, "Infinity")]
+
+
+def test_report_of_a_non_number_raises_naming_the_metric(live_server: Any) -> None:
+    bad_values = [
+        "0.5",
+        "high",
+        True,
+        object(),
+        [0.5],
+        torch.tensor([0.5, 0.6]),
+        np.array([1.0, 2.0]),
+        1j,
+    ]
+    with RemoteScheduler(
+        sgd(), "report-bad", url=live_server.url, spec={"schedule": WARMUP_COSINE}
+    ) as sched:
+        sched.step()
+        for bad in bad_values:
+            with pytest.raises(ValueError, match="metric 'val_loss'"):
+                sched.report({"ok": 1.0, "val_loss": bad})
+        # Nothing was sent or kept, and the scheduler carries on.
+        assert sched.state_dict()["outbox"] == []
+        assert sched.report({"ok": 2.0}) is not None
+    with lrserve.Client(live_server.url) as client:
+        assert [p["value"] for p in client.get_metrics("report-bad", "ok")["points"]] == [2.0]

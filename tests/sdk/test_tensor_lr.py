@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
 import torch
 from lrserve.torch import RemoteScheduler, groups_from_optimizer
 from torch._dynamo.utils import counters
+from torch.optim import lr_scheduler
 
 from tests.sdk.torch_support import WARMUP_COSINE, assert_same, hyper, torch_scheduler
 
@@ -152,3 +154,104 @@ def test_both_tensor_write_paths_write_the_window_values(fill_on_cpu: bool) -> N
         assert groups[0]["betas"][1] == 0.999
         assert groups[1]["momentum"] == cols["b"]["momentum"][i]
         assert groups[2]["weight_decay"] == cols["c"]["weight_decay"][i]
+
+
+def test_groups_sharing_one_lr_tensor_each_get_their_own_rate(live_server: Any) -> None:
+    """AdamW(groups, lr=torch.tensor(...)) gives every group one tensor: each needs its own."""
+
+    def model_and_groups(seed: int) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        return model, [
+            {"params": model[0].parameters(), "name": "body"},
+            {"params": model[1].parameters(), "name": "head"},
+        ]
+
+    model, groups = model_and_groups(0)
+    opt = torch.optim.AdamW(groups, lr=torch.tensor(1e-2), foreach=False)
+    shared = opt.param_groups[0]["lr"]
+    assert opt.param_groups[1]["lr"] is shared  # torch's doing: the precondition of the issue
+    ref_model, ref_groups = model_and_groups(0)
+    ref_opt = torch.optim.AdamW(ref_groups, lr=1e-2, foreach=False)
+    ref = lr_scheduler.LambdaLR(ref_opt, [lambda k: 0.5**k, lambda k: 0.9**k])
+    spec = {
+        "schedule": {"type": "ExponentialLR", "gamma": 0.5},
+        "group_schedules": {"head": {"type": "ExponentialLR", "gamma": 0.9}},
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sched = RemoteScheduler(opt, "shared-lr", url=live_server.url, spec=spec)
+    tensors = [g["lr"] for g in opt.param_groups]
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    with sched:
+        for step in range(1, 31):
+            for m, o in ((model, opt), (ref_model, ref_opt)):
+                m(x).pow(2).mean().backward()
+                o.step()
+                o.zero_grad()
+            sched.step()
+            ref.step()
+            assert [g["lr"] for g in opt.param_groups] == tensors  # still in place
+            expected = [1e-2 * 0.5**step, 1e-2 * 0.9**step]
+            actual = [float(t) for t in tensors]
+            assert actual == pytest.approx(expected, rel=1e-6), f"step {step}"
+        # And the optimizer used each group's own rate: same parameters as the float control.
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+    # The first group kept the tensor, the second got its own copy; the user was told once.
+    assert tensors[0] is shared and tensors[1] is not shared
+    assert tensors[1].dtype == shared.dtype and tensors[1].device == shared.device
+    told = [str(w.message) for w in caught if "shared tensor" in str(w.message)]
+    assert len(told) == 1 and "'head'" in told[0], [str(w.message) for w in caught]
+
+
+def test_shared_tensor_betas_and_replaced_param_groups(live_server: Any) -> None:
+    """Shared tensor betas are untied too, and so are groups optimizer.load_state_dict brings."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    betas = (torch.tensor(0.9), torch.tensor(0.999))
+    opt = torch.optim.Adam(
+        [{"params": a.parameters(), "lr": 0.1}, {"params": b.parameters(), "lr": 0.01}],
+        betas=betas,
+        foreach=False,
+    )
+    assert opt.param_groups[0]["betas"] is opt.param_groups[1]["betas"]
+    node = {"type": "OneCycleLR", "max_lr": 0.5, "total_steps": 100, "pct_start": 0.5}
+    spec = {
+        "groups": groups_from_optimizer(opt),
+        "schedule": {"type": "ConstantLR", "factor": 1.0, "total_iters": 0},
+        "group_schedules": {"group1": node},  # only the second group cycles beta1
+    }
+    with pytest.warns(UserWarning, match="shared tensor"):
+        sched = RemoteScheduler(opt, "shared-betas", url=live_server.url, spec=spec)
+    with sched:
+        for _ in range(20):
+            sched.step()
+        beta1 = [float(g["betas"][0]) for g in opt.param_groups]
+        # The first group keeps its constant beta1, the second one's cycles (0.95 -> 0.85).
+        assert beta1[0] == pytest.approx(0.9, rel=1e-6) and 0.86 < beta1[1] < 0.94
+        assert opt.param_groups[0]["betas"][0] is betas[0]
+        assert opt.param_groups[1]["betas"][0] is not betas[0]
+        # A checkpoint from an optimizer whose groups share one lr tensor.
+        state = opt.state_dict()
+        lr = torch.tensor(0.01)
+        for g in state["param_groups"]:
+            g["lr"] = lr
+        opt.load_state_dict(state)
+        assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"]
+        sched.step()
+        assert opt.param_groups[0]["lr"] is not opt.param_groups[1]["lr"]
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.1)  # ConstantLR: its base
+        assert float(opt.param_groups[1]["lr"]) != pytest.approx(0.1)  # OneCycle's own
+
+
+def test_bind_refuses_to_share_one_tensor_between_groups() -> None:
+    """A window bound to shared tensors is marked so that step() unties them first."""
+    from lrserve._window import Window, bind
+
+    lr = torch.tensor(0.0)
+    groups: list[dict[str, Any]] = [{"params": [], "lr": lr}, {"params": [], "lr": lr}]
+    cols = {"a": {"lr": [0.1]}, "b": {"lr": [0.2]}}
+    assert bind(Window(0, 1, 1, None, cols), ["a", "b"], groups).groups is not groups
+    groups[1]["lr"] = lr.clone()
+    assert bind(Window(0, 1, 1, None, cols), ["a", "b"], groups).groups is groups

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -115,3 +116,24 @@ def test_reports_write_one_history_and_keep_the_wal_bounded(
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     # Every report writes several WAL frames; unchecked, 3000 reports leave a WAL of ~70 MB.
     assert os.path.getsize(db_path + "-wal") < 40 * 1024 * 1024
+
+
+def test_hot_routes_are_matched_first(tmp_path: Path) -> None:
+    """Each @hot endpoint gets a HotRoute in front of every other route, with and without
+    auth (FastAPI includes routers lazily: a hot route looked up in ``app.routes`` silently
+    went missing, and every request paid FastAPI's per-route machinery again)."""
+    from service.api.app import create_app
+    from service.api.common import HotRoute
+    from service.config import Settings
+
+    for token in (None, TOKEN):
+        app = create_app(Settings(database=f"sqlite:///{tmp_path / 'hot.db'}", token=token))
+        front = [
+            (route.path, sorted(route.methods or ()))
+            for route in app.router.routes[:2]
+            if isinstance(route, HotRoute)
+        ]
+        assert sorted(front) == [
+            ("/v1/runs/{run_id}/lr", ["GET"]),
+            ("/v1/runs/{run_id}/metrics", ["POST"]),
+        ]

@@ -8,8 +8,8 @@ import pytest
 
 from service.runs import service as runs
 from service.runs.model import RunSpec
+from service.runs.repository import ReportRow, utcnow
 from service.store import open_store
-from service.store.base import ReportRow, utcnow
 from tests.service.helpers import new_id, plateau_spec
 
 
@@ -86,3 +86,26 @@ def test_concurrent_reports_serialise(db_url: str) -> None:
     assert completed == list(range(10))
     assert len(store.reports(rid)) == 40
     store.close()
+
+
+@pytest.mark.postgres
+def test_sql_ascii_database_round_trips_text() -> None:
+    """On a SQL_ASCII database psycopg returned text as bytes unless the client encoding is
+    set: the run id came back as b"..." and every report failed (a foreign-key error, 503)."""
+    from tests.conftest import postgres_database
+
+    with postgres_database(encoding="SQL_ASCII") as url:
+        store = open_store(url)
+        try:
+            store.migrate()
+            rid = new_id("ascii")
+            spec = RunSpec.model_validate({**plateau_spec(), "metadata": {"note": "café ✓"}})
+            runs.create_run(store, rid, spec)
+            result = runs.report(store, rid, 3, 0, {"val_loss": 0.5})
+            assert result.complete and result.run.id == rid
+            run = store.get_run(rid)
+            assert run is not None and isinstance(run.id, str) and run.id == rid
+            assert RunSpec.model_validate_json(run.spec).metadata == {"note": "café ✓"}
+            assert [r.step for r in store.reports(rid)] == [3]
+        finally:
+            store.close()

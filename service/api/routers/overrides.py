@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from service.api.common import RunId, json_response, run_body, translate
-from service.api.deps import db_write, get_store
-from service.runs import service as runs
-from service.runs.model import OverrideIn
-from service.store import Store
+from service.api.common import RunId, json_response
+from service.api.deps import get_runs
+from service.api.routers.runs import run_answer
+from service.api.schemas import OverrideIn, RunOut, problems
+from service.runs.model import OverrideChange
+from service.runs.service import Runs
 
 router = APIRouter(prefix="/v1", tags=["control"])
 
@@ -20,9 +21,18 @@ router = APIRouter(prefix="/v1", tags=["control"])
     "/runs/{run_id}/overrides",
     status_code=201,
     summary="Set or scale a field of some groups from a step on",
+    response_model=RunOut,
+    responses=problems(401, 403, 404, 413, 415, 422, 503),
 )
 async def post_override(
-    run_id: RunId, body: OverrideIn, store: Annotated[Store, Depends(get_store)]
+    run_id: RunId, body: OverrideIn, runs: Annotated[Runs, Depends(get_runs)]
 ) -> Response:
-    run = await db_write(store, translate, runs.add_override, store, run_id, body)
-    return json_response(run_body(run), 201)
+    change = OverrideChange(
+        from_step=body.from_step,
+        action=body.action,
+        value=body.value,
+        groups=body.groups,
+        field=body.field,
+        note=body.note,
+    )
+    return json_response(run_answer(await runs.add_override(run_id, change)), 201)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from starlette.responses import Response
 
-from service.api.common import RUN_ID_PATTERN, RunId, json_response, run_body, translate
-from service.api.deps import db_read, db_write, get_store
-from service.api.problems import run_not_found, validation_error
-from service.runs import service as runs
+from service.api.common import RUN_ID_PATTERN, RunId, json_response
+from service.api.deps import get_runs
+from service.api.problems import validation_error
+from service.api.schemas import RunListOut, RunOut, problems
 from service.runs.model import RunSpec
-from service.store import Store
+from service.runs.service import Run, Runs
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 _ID = re.compile(RUN_ID_PATTERN)
@@ -35,38 +35,62 @@ def decode_cursor(cursor: str) -> str:
     return run_id
 
 
+def run_answer(run: Run) -> dict[str, Any]:
+    """The wire form of a run (:class:`~service.api.schemas.RunOut`)."""
+    return {
+        "id": run.id,
+        "spec": run.spec_document(),
+        "version": run.version,
+        "created_at": run.created_at,
+        "updated_at": run.updated_at,
+        "step": run.step,
+        "completed_step": run.completed_step,
+        "state": run.state,
+        "overrides": run.overrides,
+    }
+
+
 @router.put(
     "/runs/{run_id}",
     status_code=201,
     summary="Create a run (idempotent)",
-    responses={200: {"description": "the run already exists with this spec"}, 409: {}},
+    response_model=RunOut,
+    responses={
+        200: {"description": "the run already exists with this spec", "model": RunOut},
+        **problems(401, 403, 409, 413, 415, 422, 503),
+    },
 )
 async def put_run(
-    run_id: RunId, spec: RunSpec, store: Annotated[Store, Depends(get_store)]
+    run_id: RunId, spec: RunSpec, runs: Annotated[Runs, Depends(get_runs)]
 ) -> Response:
-    run, created = await db_write(store, translate, runs.create_run, store, run_id, spec)
+    run, created = await runs.create(run_id, spec)
     headers = {"Location": f"/v1/runs/{run_id}"} if created else None
-    return json_response(run_body(run), 201 if created else 200, headers)
+    return json_response(run_answer(run), 201 if created else 200, headers)
 
 
-@router.get("/runs/{run_id}", summary="A run: spec, version, step and plateau state")
-async def get_run(run_id: RunId, store: Annotated[Store, Depends(get_store)]) -> Response:
-    run = await db_read(store, store.get_run, run_id)
-    if run is None:
-        raise run_not_found(run_id)
-    return json_response(run_body(run))
+@router.get(
+    "/runs/{run_id}",
+    summary="A run: spec, version, step and plateau state",
+    response_model=RunOut,
+    responses=problems(401, 404, 422, 503),
+)
+async def get_run(run_id: RunId, runs: Annotated[Runs, Depends(get_runs)]) -> Response:
+    return json_response(run_answer(await runs.get(run_id)))
 
 
-@router.get("/runs", summary="List runs (ordered by id, cursor-paginated)")
+@router.get(
+    "/runs",
+    summary="List runs (ordered by id, cursor-paginated)",
+    response_model=RunListOut,
+    responses=problems(401, 422, 503),
+)
 async def list_runs(
-    store: Annotated[Store, Depends(get_store)],
+    runs: Annotated[Runs, Depends(get_runs)],
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[str | None, Query(max_length=400)] = None,
 ) -> Response:
     after = decode_cursor(cursor) if cursor else None
-    rows = await db_read(store, store.list_runs, limit + 1, after)
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, more = await runs.list_runs(limit, after)
     return json_response(
         {
             "runs": [
@@ -78,8 +102,13 @@ async def list_runs(
     )
 
 
-@router.delete("/runs/{run_id}", status_code=204, summary="Delete a run and its history")
-async def delete_run(run_id: RunId, store: Annotated[Store, Depends(get_store)]) -> Response:
-    if not await db_write(store, store.delete_run, run_id):
-        raise run_not_found(run_id)
+@router.delete(
+    "/runs/{run_id}",
+    status_code=204,
+    summary="Delete a run and its history",
+    response_class=Response,
+    responses=problems(401, 403, 404, 422, 503),
+)
+async def delete_run(run_id: RunId, runs: Annotated[Runs, Depends(get_runs)]) -> Response:
+    await runs.delete(run_id)
     return Response(status_code=204)

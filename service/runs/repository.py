@@ -1,4 +1,7 @@
-"""The storage interface the run model needs, implemented by SQLite and PostgreSQL.
+"""The repository: what the run layer needs from a database, and the rows it exchanges.
+
+The run layer owns this protocol; ``service.store`` implements it for SQLite and PostgreSQL
+(dependencies point inward: the store imports this module, never the reverse).
 
 Every mutation of a run happens inside :meth:`Store.transaction`: the run row is locked
 (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL), read, and the new
@@ -9,7 +12,6 @@ state between calls, so several processes or replicas on one database see one hi
 from __future__ import annotations
 
 import json
-import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,22 +56,6 @@ def dumps(value: Any) -> str:
 
 def loads(text: str) -> Any:
     return json.loads(text)
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with non-finite floats replaced by ``"NaN"``, ``"Infinity"``, ``"-Infinity"``.
-
-    Strict JSON has no literal for them; this is the wire encoding API clients decode.
-    """
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 @dataclass
@@ -134,12 +120,16 @@ class RunTx(Protocol):
     def add_event(self, type: str, step: int | None, data: dict[str, Any]) -> int:
         """Append an event (its ``seq`` is the run's next one) and return its seq."""
 
+    def event_at(self, type: str, step: int) -> EventRow | None:
+        """The latest event of ``type`` recorded for ``step``, read inside the transaction
+        (on its own connection: a second one could wait on a pool the caller drains)."""
+
     def save(self) -> None:
         """Write ``run`` back (state, overrides, counters, updated_at)."""
 
 
 class Store(Protocol):
-    """What the run model needs from a database."""
+    """What the run layer needs from a database (implemented in ``service.store``)."""
 
     dialect: str
     inline_reads: bool
