@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from service.runs.errors import InvalidArgument, ReportConflict, StaleReport
 from service.schedules import Program, ScheduleSpec
@@ -32,6 +32,28 @@ class RunSpec(ScheduleSpec):
     world_size: int = Field(1, ge=1, le=4096, description="ranks that report every step")
     aggregate: Aggregate = Field("mean", description="how the ranks' metrics are combined")
     metadata: dict[str, Any] = Field(default_factory=dict, description="free-form, stored as is")
+
+    @field_validator("metadata")
+    @classmethod
+    def _unicode_text(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Python's JSON parser (FastAPI's body) accepts a lone surrogate ("\ud800"), which no
+        # UTF-8 text can hold: the stored spec could not be read back (it was a 500).
+        stack: list[Any] = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+            elif isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(
+                        f"contains a lone UTF-16 surrogate in {item[:40]!r}; send valid Unicode"
+                    ) from None
+        return value
 
     def normalised(self) -> str:
         """Canonical JSON (defaults filled, keys sorted): equal specs give equal text."""

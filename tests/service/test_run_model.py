@@ -8,6 +8,7 @@ import pytest
 
 from service.runs.model import aggregate
 from service.schedules import Program, ScheduleSpec, SpecError
+from tests.conftest import ServerProcess
 
 
 def test_mean_of_finite_values_whose_sum_overflows_is_their_mean() -> None:
@@ -37,3 +38,19 @@ def test_far_step_of_a_child_that_keeps_the_previous_lr_is_refused() -> None:
     assert program.evaluate({}, 1000, 1)["a"]["lr"][0] > 0
     with pytest.raises(SpecError, match="step by step"):
         program.evaluate({}, 2**40, 1)
+
+
+def test_lone_surrogate_in_metadata_is_a_422(live_server: ServerProcess) -> None:
+    # FastAPI's JSON parser accepts "\ud800"; the normalised spec then could not be parsed
+    # back (a 500, and the keep-alive connection reset). Now the body is refused.
+    body = (
+        '{"groups": [{"name": "a", "lr": 0.1}], "schedule": {"type": "ConstantLR"}, '
+        '"metadata": {"k": "\\ud800"}}'
+    )
+    with live_server.client() as c:
+        answer = c.put(
+            "/v1/runs/surrogate-1", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["errors"][0]["loc"][:2] == ["body", "metadata"]
+        assert c.get("/v1/runs/surrogate-1").status_code == 404
