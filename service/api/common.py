@@ -109,7 +109,7 @@ _RUN_ID = re.compile(RUN_ID_PATTERN)
 def path_run_id(request: Request) -> str:
     """The ``run_id`` path parameter, checked by hand (hot paths skip FastAPI's params)."""
     run_id: str = request.path_params["run_id"]
-    if not _RUN_ID.match(run_id):
+    if not _RUN_ID.fullmatch(run_id):  # (match would let "id\n" through: "$" matches before it)
         raise validation_error(["path", "run_id"], f"must match {RUN_ID_PATTERN}")
     return run_id
 

@@ -30,7 +30,7 @@ def decode_cursor(cursor: str) -> str:
         run_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         run_id = ""
-    if not _ID.match(run_id):
+    if not _ID.fullmatch(run_id):
         raise validation_error(["query", "cursor"], "not a cursor this server returned")
     return run_id
 

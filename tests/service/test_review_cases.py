@@ -1,4 +1,5 @@
-"""Edge cases of the run model's pure parts found by review (each was a 500)."""
+"""Cases found by review, each a 500 or a wrong answer before: the run model, the engine,
+the hot paths' own checks."""
 
 from __future__ import annotations
 
@@ -54,3 +55,15 @@ def test_lone_surrogate_in_metadata_is_a_422(live_server: ServerProcess) -> None
         assert answer.status_code == 422, answer.text
         assert answer.json()["errors"][0]["loc"][:2] == ["body", "metadata"]
         assert c.get("/v1/runs/surrogate-1").status_code == 404
+
+
+def test_run_id_with_a_trailing_newline_is_refused_on_the_hot_paths(
+    live_server: ServerProcess,
+) -> None:
+    # Python's "$" matches before a final newline: the hot routes' hand-made check let
+    # "id\n" through while the documented routes (pydantic) refused it.
+    with live_server.client() as c:
+        assert c.get("/v1/runs/abc%0A/lr").status_code == 422
+        report = {"step": 0, "values": {"loss": 1.0}}
+        assert c.post("/v1/runs/abc%0A/metrics", json=report).status_code == 422
+        assert c.get("/v1/runs/abc%0A").status_code == 422
