@@ -616,7 +616,7 @@ class Runs:
 
     def _metric_history(self, run_id: str, name: str) -> MetricHistory:
         store = self.store
-        if store.get_run(run_id) is None:
+        if store.run_version(run_id) is None:
             raise RunNotFound(run_id)
         points = []
         for r in store.reports(run_id):
