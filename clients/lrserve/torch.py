@@ -28,8 +28,18 @@ from types import TracebackType
 from typing import Any, Literal
 
 import httpx
-import torch
-import torch.distributed as dist
+
+try:
+    import torch
+    import torch.distributed as dist
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subprocess test
+    if exc.name is None or exc.name.split(".")[0] != "torch":
+        raise
+    raise ModuleNotFoundError(
+        "lrserve.torch needs PyTorch, which is not installed here: pip install "
+        "'lrserve[torch]' (or torch itself); `import lrserve` alone works without it",
+        name="torch",
+    ) from exc
 
 from ._client import Client
 from ._errors import (

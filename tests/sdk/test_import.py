@@ -85,3 +85,17 @@ def test_serve_without_the_server_extra_says_what_to_install() -> None:
     )
     assert proc.returncode == 2, proc.stderr
     assert "install lrserve[server]" in proc.stderr
+
+
+def test_lrserve_torch_without_torch_says_what_to_install() -> None:
+    result = run_python(
+        """
+        try:
+            import lrserve.torch
+        except ModuleNotFoundError as exc:
+            print("MESSAGE", exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MESSAGE lrserve.torch needs PyTorch" in result.stdout
+    assert "pip install 'lrserve[torch]'" in result.stdout
