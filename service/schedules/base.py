@@ -62,6 +62,14 @@ NonNegInt = Annotated[int, Field(strict=True, ge=0, le=MAX_STEP)]
 PosInt = Annotated[int, Field(strict=True, ge=1, le=MAX_STEP)]
 
 
+def non_empty_per_group(value: float | Sequence[float]) -> Any:
+    """A field validator's check for "a number, or one number per parameter group": an empty
+    list is refused (its length can only be checked against the groups at compile time)."""
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError("give a number or one number per parameter group")
+    return value
+
+
 class SpecError(ValueError):
     """A spec that parses but cannot be compiled for these groups.
 

@@ -61,6 +61,7 @@ from .base import (
     Real,
     ScheduleNode,
     Steps,
+    non_empty_per_group,
 )
 
 MetricName = Annotated[str, Field(min_length=1, max_length=200)]
@@ -527,9 +528,7 @@ class ReduceLROnPlateau(ScheduleNode):
     @field_validator("min_lr")
     @classmethod
     def _non_empty(cls, value: float | list[float]) -> float | list[float]:
-        if isinstance(value, list) and not value:
-            raise ValueError("give a number or one number per parameter group")
-        return value
+        return non_empty_per_group(value)
 
     def compile(self, ctx: CompileContext) -> Curve:
         return TorchPlateauCurve(

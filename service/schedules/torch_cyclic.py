@@ -42,6 +42,7 @@ from .base import (
     ScheduleNode,
     SpecError,
     Steps,
+    non_empty_per_group,
 )
 from .expr import Expr, ExprError, parse
 
@@ -277,9 +278,7 @@ class OneCycleLR(ScheduleNode):
     @field_validator("max_lr", "base_momentum", "max_momentum")
     @classmethod
     def _non_empty(cls, value: GroupFloat) -> GroupFloat:
-        if isinstance(value, list) and not value:
-            raise ValueError("give a number or one number per parameter group")
-        return value
+        return non_empty_per_group(value)
 
     @model_validator(mode="after")
     def _check_horizon(self) -> OneCycleLR:

@@ -35,6 +35,7 @@ from .base import (
     ScheduleNode,
     SpecError,
     Steps,
+    non_empty_per_group,
 )
 
 
@@ -91,9 +92,7 @@ class SWALR(ScheduleNode):
     @field_validator("swa_lr")
     @classmethod
     def _non_empty(cls, value: float | list[float]) -> float | list[float]:
-        if isinstance(value, list) and not value:
-            raise ValueError("give a number or one number per parameter group")
-        return value
+        return non_empty_per_group(value)
 
     def compile(self, ctx: CompileContext) -> Curve:
         if ctx.extra.get("fractional_epochs", False):
