@@ -53,6 +53,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+WINDOW = 32
+"""Steps per window the checks' schedulers fetch: an override can start about this far ahead."""
+
 NO_CUDA = (
     "CUDA is not available on this machine: nothing to check; "
     "run with --device cpu for a dry run of the device-independent checks"
@@ -111,23 +114,24 @@ def start_server(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the lrserve server did not become ready in 60 s")
 
 
-def post_override(url: str, run: str, from_step: int, value: float, group: str) -> int:
-    """Scale ``group``'s lr by ``value`` from ``from_step`` on; returns the new run version."""
+def post_override(url: str, run: str, from_step: int, value: float, group: str) -> tuple[int, int]:
+    """Scale ``group``'s lr by ``value`` from ``from_step`` on, or from the earliest step the
+    server can guarantee when that is too late; returns (the new run version, that step)."""
     import httpx
 
-    r = httpx.post(
-        f"{url}/v1/runs/{run}/overrides",
-        json={
-            "from_step": from_step,
-            "action": "scale",
-            "value": value,
-            "groups": [group],
-            "note": "gpu_check",
-        },
-        timeout=10,
-    )
+    body = {
+        "from_step": from_step,
+        "action": "scale",
+        "value": value,
+        "groups": [group],
+        "note": "gpu_check",
+    }
+    r = httpx.post(f"{url}/v1/runs/{run}/overrides", json=body, timeout=10)
+    if r.status_code == 409 and r.json().get("type") == "/problems/too-late":
+        body["from_step"] = int(r.json()["earliest_step"])
+        r = httpx.post(f"{url}/v1/runs/{run}/overrides", json=body, timeout=10)
     r.raise_for_status()
-    return int(r.json()["version"])
+    return int(r.json()["version"]), int(body["from_step"])
 
 
 def server_lrs(url: str, run: str, count: int, names: list[str]) -> list[list[float]]:
@@ -277,7 +281,11 @@ def check_rates(url: str, dev: torch.device, steps: int, variant: str) -> Result
     latency = float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch: scheduler.step() before optimizer.step()
-        with RemoteScheduler(opt, run, url=url, spec=spec(steps), poll_interval=0.1) as sched:
+        # A short window: the server leases what trainers hold, so an override can start
+        # about a window ahead of the loop (see docs/operations.md, "too-late").
+        with RemoteScheduler(
+            opt, run, url=url, spec=spec(steps), poll_interval=0.1, window=WINDOW
+        ) as sched:
             loss = torch.zeros((), device=dev)
             for s in range(steps):
                 for i, g in enumerate(opt.param_groups):
@@ -290,7 +298,7 @@ def check_rates(url: str, dev: torch.device, steps: int, variant: str) -> Result
                     ]
                 )
                 if s == override_at:
-                    version = post_override(url, run, override_from, 0.5, "body")
+                    version, override_from = post_override(url, run, override_from, 0.5, "body")
                     latency = wait_version(sched, version)
                 loss = train_step(body, head, opt, x[s % BATCHES], y[s % BATCHES])
                 if s > 0 and s % every == 0:
@@ -448,7 +456,7 @@ def check_cuda_graph(url: str, dev: torch.device, steps: int) -> Result:
     t_body, t_head = make_model(dev)
     t_opt = make_opt(t_body, t_head, dev, capturable=True)
     run = "gpu-check-graph"
-    sched = RemoteScheduler(opt, run, url=url, spec=spec(n), poll_interval=0.1)
+    sched = RemoteScheduler(opt, run, url=url, spec=spec(n), poll_interval=0.1, window=WINDOW)
 
     def twin_rates() -> None:
         for g, tg in zip(opt.param_groups, t_opt.param_groups, strict=True):
@@ -482,7 +490,7 @@ def check_cuda_graph(url: str, dev: torch.device, steps: int) -> Result:
         override_at, override_from = n // 2, n // 2 + 10
         for s in range(n):
             if s == override_at:
-                version = post_override(url, run, override_from, 0.1, "body")
+                version, override_from = post_override(url, run, override_from, 0.1, "body")
                 wait_version(sched, version)
             static_x.copy_(x[s % BATCHES])
             static_y.copy_(y[s % BATCHES])

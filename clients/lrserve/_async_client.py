@@ -20,6 +20,7 @@ from ._types import (
     LRWindow,
     MetricHistory,
     Preview,
+    RangeTestResult,
     ReportResult,
     Run,
     RunList,
@@ -178,19 +179,25 @@ class AsyncClient:
 
     # -- values ----------------------------------------------------------------------
 
-    async def get_lr(self, run_id: str, step: int | None = None) -> LRValues:
+    async def get_lr(self, run_id: str, step: int | None = None, *, lease: bool = True) -> LRValues:
         """Every group's values at ``step`` (default: the run's current step)."""
-        return await self._send(_calls.get_lr(run_id, step))
+        return await self._send(_calls.get_lr(run_id, step, lease=lease))
 
     async def get_lr_window(
-        self, run_id: str, start: int, count: int, etag: str | None = None
+        self,
+        run_id: str,
+        start: int,
+        count: int,
+        etag: str | None = None,
+        *,
+        lease: bool = True,
     ) -> LRWindow:
         """Values for steps ``start .. start+count-1``, columnar.
 
         Pass the ``etag`` of the window you hold: while the run's version is unchanged
         the server answers 304 and the result has ``not_modified=True`` and no values.
         """
-        return await self._send(_calls.get_lr_window(run_id, start, count, etag))
+        return await self._send(_calls.get_lr_window(run_id, start, count, etag, lease=lease))
 
     async def get_curve(
         self,
@@ -247,6 +254,11 @@ class AsyncClient:
         """The run's events (created, report_completed, reduced, override), oldest first."""
         return await self._send(_calls.get_events(run_id, after))
 
+    async def range_test(self, run_id: str) -> RangeTestResult:
+        """A range-test run's curve (lr, loss, smoothed loss per step), its stop step and the
+        ``steepest``/``valley``/``minimum`` suggestions (see docs/range-test.md)."""
+        return await self._send(_calls.range_test(run_id))
+
     async def override(
         self,
         run_id: str,
@@ -268,6 +280,52 @@ class AsyncClient:
         return await self._send(
             _calls.override(run_id, from_step, action, value, groups, field, note)
         )
+
+    async def amend(
+        self,
+        run_id: str,
+        from_step: int,
+        schedule: Mapping[str, Any] | None = None,
+        *,
+        group_schedules: Mapping[str, Any] | None = None,
+        param_schedules: Mapping[str, Any] | None = None,
+        restart: bool = False,
+        base: str = "initial",
+        note: str = "",
+    ) -> CreateRunResult:
+        """Change the run's schedule from ``from_step`` on; ``(run, created)``.
+
+        ``restart=True``: the new schedule counts its steps from ``from_step``;
+        ``base="current"``: it starts from the values in force at ``from_step - 1``. Values
+        before ``from_step`` never change. Idempotent: the same amendment again returns
+        ``created=False``. Raises :class:`~lrserve.TooLateError` (with ``earliest_step``)
+        when trainers may already hold the values of ``from_step``.
+        """
+        return await self._send(
+            _calls.amend(
+                run_id,
+                from_step,
+                schedule,
+                group_schedules=group_schedules,
+                param_schedules=param_schedules,
+                restart=restart,
+                base=base,
+                note=note,
+            )
+        )
+
+    async def rewind(
+        self, run_id: str, to_step: int, key: str | None = None, note: str = ""
+    ) -> Run:
+        """Take the run back to how it was when ``to_step`` completed (a job restarting
+        from an earlier checkpoint): later reports are set aside as an abandoned branch.
+        With ``key``, asking again (from every rank, say) changes nothing."""
+        return await self._send(_calls.rewind(run_id, to_step, key, note))
+
+    async def withdraw_override(self, run_id: str, n: int, from_step: int | None = None) -> Run:
+        """Withdraw override ``n`` (numbered from 1) from ``from_step`` on; by default from
+        the earliest step every trainer is guaranteed to see (the run's ``leased_until``)."""
+        return await self._send(_calls.withdraw_override(run_id, n, from_step))
 
     # -- probes ----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from ._types import (
     LRWindow,
     MetricHistory,
     Preview,
+    RangeTestResult,
     ReportResult,
     Run,
     RunList,
@@ -96,10 +97,18 @@ def delete_run(run_id: str, missing_ok: bool = False) -> Call[None]:
     )
 
 
-def get_lr(run_id: str, step: int | None = None) -> Call[LRValues]:
-    """``GET /v1/runs/{id}/lr?step=N``."""
+def _lease(lease: bool) -> str | None:
+    # Trainers lease what they fetch (the default, left out); an inspection read does not.
+    return None if lease else "false"
+
+
+def get_lr(run_id: str, step: int | None = None, *, lease: bool = True) -> Call[LRValues]:
+    """``GET /v1/runs/{id}/lr?step=N`` (``lease=False``: an inspection read)."""
     return Call(
-        "GET", _run_path(run_id, "/lr"), parse=_dict, params={"step": _nonneg_int("step", step)}
+        "GET",
+        _run_path(run_id, "/lr"),
+        parse=_dict,
+        params={"step": _nonneg_int("step", step), "lease": _lease(lease)},
     )
 
 
@@ -113,8 +122,12 @@ def _etag_version(etag: str) -> int | None:
         return None
 
 
-def get_lr_window(run_id: str, start: int, count: int, etag: str | None = None) -> Call[LRWindow]:
-    """``GET /v1/runs/{id}/lr?start=&count=`` with ``If-None-Match``."""
+def get_lr_window(
+    run_id: str, start: int, count: int, etag: str | None = None, *, lease: bool = True
+) -> Call[LRWindow]:
+    """``GET /v1/runs/{id}/lr?start=&count=`` with ``If-None-Match``.
+
+    A trainer's fetch leases the window (``lease=False``: an inspection read, see API.md)."""
     start_ = _nonneg_int("start", start, allow_none=False)
     count_ = _nonneg_int("count", count, allow_none=False)
     if not count_:
@@ -153,7 +166,7 @@ def get_lr_window(run_id: str, start: int, count: int, etag: str | None = None) 
         "GET",
         _run_path(run_id, "/lr"),
         parse=parse,
-        params={"start": start_, "count": count_},
+        params={"start": start_, "count": count_, "lease": _lease(lease)},
         headers=headers,
         accept=frozenset({304}),
     )
@@ -201,6 +214,11 @@ def get_events(run_id: str, after: int | None = None) -> Call[EventList]:
         parse=_dict,
         params={"after": _nonneg_int("after", after)},
     )
+
+
+def range_test(run_id: str) -> Call[RangeTestResult]:
+    """``GET /v1/runs/{id}/range-test``."""
+    return Call("GET", _run_path(run_id, "/range-test"), parse=_dict)
 
 
 def get_curve(
@@ -267,6 +285,72 @@ def override(
     if note is not None:
         body["note"] = note
     return Call("POST", _run_path(run_id, "/overrides"), parse=_dict, json=body, idempotent=False)
+
+
+def withdraw_override(run_id: str, n: int, from_step: int | None = None) -> Call[Run]:
+    """``DELETE /v1/runs/{id}/overrides/{n}?from_step=``."""
+    number = _nonneg_int("n", n, allow_none=False)
+    if not number:
+        raise UsageError("override numbers start at 1")
+    return Call(
+        "DELETE",
+        _run_path(run_id, f"/overrides/{number}"),
+        parse=_dict,
+        params={"from_step": _nonneg_int("from_step", from_step)},
+        # Withdrawing twice is refused (422), so a retry after a lost answer would fail.
+        idempotent=False,
+    )
+
+
+def amend(
+    run_id: str,
+    from_step: int,
+    schedule: Mapping[str, Any] | None = None,
+    *,
+    group_schedules: Mapping[str, Any] | None = None,
+    param_schedules: Mapping[str, Any] | None = None,
+    restart: bool = False,
+    base: str = "initial",
+    note: str = "",
+) -> Call[CreateRunResult]:
+    """``POST /v1/runs/{id}/amendments``; idempotent (the same amendment again is a 200)."""
+    if schedule is None and not group_schedules and not param_schedules:
+        raise UsageError("give schedule, group_schedules or param_schedules")
+    if base not in ("initial", "current"):
+        raise UsageError(f"base must be 'initial' or 'current', got {base!r}")
+    body: dict[str, Any] = {
+        "from_step": _nonneg_int("from_step", from_step, allow_none=False),
+        "restart": bool(restart),
+        "base": base,
+        "note": note,
+    }
+    for key, part in (
+        ("schedule", schedule),
+        ("group_schedules", group_schedules),
+        ("param_schedules", param_schedules),
+    ):
+        if part is not None:
+            if not isinstance(part, Mapping):
+                raise UsageError(f"{key} must be a mapping, got {type(part).__name__}")
+            body[key] = dict(part)
+    return Call(
+        "POST",
+        _run_path(run_id, "/amendments"),
+        parse=lambda r: CreateRunResult(cast(Run, json_body(r)), r.status_code == 201),
+        json=body,
+    )
+
+
+def rewind(run_id: str, to_step: int, key: str | None = None, note: str = "") -> Call[Run]:
+    """``POST /v1/runs/{id}/rewind``; idempotent when ``key`` is given."""
+    body: dict[str, Any] = {"to_step": _nonneg_int("to_step", to_step, allow_none=False)}
+    if key is not None:
+        body["key"] = str(key)
+    if note:
+        body["note"] = note
+    return Call(
+        "POST", _run_path(run_id, "/rewind"), parse=_dict, json=body, idempotent=key is not None
+    )
 
 
 def _probe(response: httpx.Response) -> dict[str, Any]:

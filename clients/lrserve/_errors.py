@@ -148,6 +148,23 @@ class StaleReportError(ConflictError):
     """409 ``stale-report``: the step is older than the newest completed step."""
 
 
+class TooLateError(ConflictError):
+    """409 ``too-late``: trainers may already hold the values of that step.
+
+    ``earliest_step`` is the first step the change can be guaranteed from: post it again
+    with that ``from_step`` (or later).
+    """
+
+    @property
+    def earliest_step(self) -> int | None:
+        value = self.body.get("earliest_step") if isinstance(self.body, Mapping) else None
+        return int(value) if isinstance(value, int) else None
+
+
+class RewindConflictError(ConflictError):
+    """409 ``rewind-conflict``: the rewind key was already used for another step."""
+
+
 class PayloadTooLargeError(APIError):
     """413 ``payload-too-large``."""
 
@@ -167,6 +184,8 @@ _BY_SLUG: dict[str, type[APIError]] = {
     "run-conflict": RunConflictError,
     "report-conflict": ReportConflictError,
     "stale-report": StaleReportError,
+    "too-late": TooLateError,
+    "rewind-conflict": RewindConflictError,
     "payload-too-large": PayloadTooLargeError,
     "unauthorized": AuthenticationError,
     "forbidden": PermissionDeniedError,

@@ -75,7 +75,16 @@ class Run(TypedDict):
     step: int | None
     completed_step: int | None
     state: dict[str, Any]
+    #: Operator overrides, numbered ``n`` from 1 (``until_step`` once withdrawn).
     overrides: list[dict[str, Any]]
+    #: Schedule amendments in the order they were made.
+    amendments: list[dict[str, Any]]
+    #: Rewinds in order (``n`` is the branch each one started).
+    rewinds: list[dict[str, Any]]
+    #: The current branch: how many rewinds the run has had.
+    branch: int
+    #: Trainers may hold values up to this step (exclusive): changes can start here.
+    leased_until: int
 
 
 class CreateRunResult(NamedTuple):
@@ -135,6 +144,8 @@ class ReportResult(TypedDict):
     decision: Decision | None
     applies_from: int
     groups: dict[str, GroupValues]
+    #: A range test is finished at this step (diverged, or its last step): stop.
+    stop: bool
 
 
 class MetricPoint(TypedDict):
@@ -143,6 +154,8 @@ class MetricPoint(TypedDict):
     step: int
     rank: int
     value: float | str | None
+    #: The run's branch (rewinds before it) when the value was reported.
+    branch: int
 
 
 class MetricHistory(TypedDict, total=False):
@@ -150,8 +163,11 @@ class MetricHistory(TypedDict, total=False):
 
     run: str
     name: str
+    #: Reports on the run's timeline.
     points: list[MetricPoint]
     aggregate: list[dict[str, Any]]
+    #: Reports that rewinds set aside (each with ``abandoned_by``, the rewind).
+    abandoned: list[dict[str, Any]]
 
 
 class Event(TypedDict):
@@ -162,6 +178,10 @@ class Event(TypedDict):
     step: int | None
     at: str
     data: dict[str, Any]
+    #: The run's branch when the event was recorded.
+    branch: int
+    #: 0 while on the run's timeline; else the rewind that set it aside.
+    abandoned_by: int
 
 
 class EventList(TypedDict):
@@ -211,3 +231,39 @@ class LRWindow:
     not_modified: bool
     #: ``{group: {field: [value per step]}}``, or ``None`` when not modified.
     values: dict[str, GroupWindow] | None
+
+
+class RangeTestSuggestions(TypedDict):
+    """The suggested rates (``None`` where the curve is too short for a rule)."""
+
+    #: torch-lr-finder's rule: the lr of the steepest descent of the smoothed loss.
+    steepest: float | None
+    #: fastai's valley rule.
+    valley: float | None
+    #: fastai's minimum rule: the lr at the smallest smoothed loss, divided by 10.
+    minimum: float | None
+
+
+class RangeTestResult(TypedDict):
+    """``GET /v1/runs/{id}/range-test``: the curve (one point per completed step), the stop
+    step and the suggestions; ``loss``/``smoothed`` may hold ``"NaN"``/``"Infinity"``."""
+
+    run: str
+    steps: list[int]
+    #: The first range-test group's rate at each step.
+    lr: list[float]
+    loss: list[float | str]
+    smoothed: list[float | str]
+    #: The step whose smoothed loss diverged (recorded), or ``None``.
+    stopped_at: int | None
+    suggestions: RangeTestSuggestions
+    version: int
+    metric: str
+    num_iter: int
+    path: str
+    #: Diverged or reached the last step: trainers were told to stop.
+    finished: bool
+    #: Every range-test group's rates, by group name.
+    groups: dict[str, list[float]]
+    #: The step each rule picked (``minimum``: the step of the smallest loss).
+    suggested_steps: dict[str, int | None]

@@ -159,17 +159,44 @@ def _cmd_show(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
         out.write(f"metadata  {_fmt(spec['metadata'])}\n")
     if run.get("state"):
         out.write(f"state     {_fmt(run['state'])}\n")
+    out.write(
+        f"branch    {run.get('branch', 0)}  (rewinds so far); changes can start at step "
+        f"{run.get('leased_until', 0)} (trainers hold values up to there)\n"
+    )
     overrides = run.get("overrides") or []
     if overrides:
         out.write("\noverrides\n")
-        keys = ["from_step", "action", "value", "field", "groups", "note"]
+        keys = ["n", "from_step", "until_step", "action", "value", "field", "groups", "note"]
         _table(keys, [[o.get(k) for k in keys] for o in overrides], out)
+    amendments = run.get("amendments") or []
+    if amendments:
+        out.write("\namendments\n")
+        keys = ["n", "from_step", "restart", "base", "parts", "note"]
+        rows = [
+            [*(a.get(k) for k in keys[:4]), _amended_parts(a), a.get("note")] for a in amendments
+        ]
+        _table(keys, rows, out)
+    rewinds = run.get("rewinds") or []
+    if rewinds:
+        out.write("\nrewinds\n")
+        keys = ["n", "from_step", "to_step", "reports_set_aside", "key", "note"]
+        _table(keys, [[r.get(k) for k in keys] for r in rewinds], out)
     return None
+
+
+def _amended_parts(amendment: Mapping[str, Any]) -> str:
+    parts = []
+    if amendment.get("schedule"):
+        parts.append(f"schedule={amendment['schedule'].get('type')}")
+    for key in ("group_schedules", "param_schedules"):
+        for name, node in (amendment.get(key) or {}).items():
+            parts.append(f"{name}={node.get('type')}")
+    return " ".join(parts)
 
 
 def _cmd_lr(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
     if args.count is not None:
-        window = client.get_lr_window(args.run, args.start or 0, args.count)
+        window = client.get_lr_window(args.run, args.start or 0, args.count, lease=False)
         groups = window.values or {}
         if args.json:
             return {
@@ -183,7 +210,7 @@ def _cmd_lr(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
         return None
     if args.start is not None:
         raise _Fail("--start needs --count")
-    values = client.get_lr(args.run, step=args.step)
+    values = client.get_lr(args.run, step=args.step, lease=False)
     if args.json:
         return values
     fields = sorted({f for g in values["groups"].values() for f in g}, key=_field_order)
@@ -389,6 +416,19 @@ def _cmd_delete(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
 
 
 def _cmd_override(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    if args.withdraw is not None:
+        run = client.withdraw_override(args.run, args.withdraw, from_step=args.from_step)
+        if args.json:
+            return run
+        ov = run["overrides"][args.withdraw - 1]
+        out.write(
+            f"withdrew override {args.withdraw} ({ov.get('action')} {ov.get('field')} by "
+            f"{_fmt(ov.get('value'))} from step {ov.get('from_step')}) from step "
+            f"{ov.get('until_step')}: {run.get('id')} version {run.get('version')}\n"
+        )
+        return None
+    if args.from_step is None:
+        raise _Fail("--from-step is required with --scale or --set")
     action, value = ("scale", args.scale) if args.scale is not None else ("set", args.set)
     run = client.override(
         args.run, args.from_step, action, value, args.group, field=args.field, note=args.note
@@ -398,6 +438,64 @@ def _cmd_override(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
     out.write(
         f"{action} {args.field} to {_fmt(value)} from step {args.from_step}: "
         f"{run.get('id')} version {run.get('version')}\n"
+    )
+    return None
+
+
+def _cmd_amend(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    doc = _read_json(args.spec)
+    if not isinstance(doc, dict):
+        raise _Fail(f"{args.spec}: expected a JSON object (a schedule node or the parts)")
+    parts_keys = ("schedule", "group_schedules", "param_schedules")
+    # A bare node ({"type": ...}) is the new schedule; otherwise the parts by name.
+    parts = {"schedule": doc} if "type" in doc else {k: doc[k] for k in parts_keys if k in doc}
+    unknown = [] if "type" in doc else sorted(set(doc) - set(parts_keys))
+    if unknown or not parts:
+        raise _Fail(
+            f"{args.spec}: expected a schedule node or some of {', '.join(parts_keys)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    run, created = client.amend(
+        args.run,
+        args.from_step,
+        parts.get("schedule"),
+        group_schedules=parts.get("group_schedules"),
+        param_schedules=parts.get("param_schedules"),
+        restart=args.restart,
+        base=args.base,
+        note=args.note or "",
+    )
+    if args.json:
+        return {"created": created, "run": run}
+    amendment: Mapping[str, Any] = next(
+        (a for a in reversed(run.get("amendments") or []) if a.get("from_step") == args.from_step),
+        {},
+    )
+    how = ("restarting its step count" if args.restart else "on the run's steps") + (
+        ", from the values in force then" if args.base == "current" else ""
+    )
+    verb = "amended" if created else "already amended (same amendment)"
+    out.write(
+        f"{verb}: {run.get('id')} from step {args.from_step}, {how}: "
+        f"{_amended_parts(amendment)}; version {run.get('version')}\n"
+    )
+    return None
+
+
+def _cmd_rewind(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    before = client.get_run(args.run)
+    run = client.rewind(args.run, args.to_step, key=args.key, note=args.note or "")
+    if args.json:
+        return run
+    if run.get("branch") == before.get("branch"):
+        out.write(f"already rewound with key {args.key!r}: {run.get('id')} unchanged\n")
+        return None
+    done = (run.get("rewinds") or [{}])[-1]
+    out.write(
+        f"rewound {run.get('id')} from step {done.get('from_step')} to step {args.to_step}: "
+        f"{done.get('reports_set_aside')} report(s) after it set aside (branch "
+        f"{before.get('branch', 0)}, still readable); now on branch {run.get('branch')}, "
+        f"version {run.get('version')}; reports from step {args.to_step + 1} are accepted\n"
     )
     return None
 
@@ -430,6 +528,123 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
     return value
+
+
+def _cmd_range_test(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    from .range_test import RULES, adopt
+
+    plot = _load_pyplot() if args.png else None
+    curve = client.range_test(args.run)
+    if plot is not None:
+        _plot_range_test(plot, args.png, curve)
+    adopted = None
+    if args.adopt:
+        if (args.total_steps is None) == (args.schedule is None):
+            raise _Fail("--adopt needs --total-steps N (OneCycleLR) or --schedule SPEC.json")
+        schedule = _read_json(args.schedule) if args.schedule else None
+        if schedule is not None and not isinstance(schedule, dict):
+            raise _Fail(f"{args.schedule}: expected a JSON object (a schedule node)")
+        adopted = adopt(
+            client,
+            args.run,
+            args.adopt,
+            rule=args.rule,
+            total_steps=args.total_steps,
+            schedule=schedule,
+        )
+    if args.json:
+        if adopted is not None:
+            return {"range_test": curve, "adopted": adopted.run}
+        return curve
+    steps, lrs = curve["steps"], curve["lr"]
+    marks: dict[int, list[str]] = {}
+    for rule in RULES:
+        at = curve["suggested_steps"].get(rule)
+        if at is not None:
+            marks.setdefault(at, []).append(rule)
+    if curve["stopped_at"] is not None:
+        marks.setdefault(curve["stopped_at"], []).append("stop")
+    # Compact: about --rows evenly spaced points, plus every marked one.
+    n = len(steps)
+    every = max(1, math.ceil(n / args.rows)) if n else 1
+    keep = sorted({i for i in range(0, n, every)} | {n - 1} | {steps.index(s) for s in marks})
+    rows = [
+        [
+            steps[i],
+            lrs[i],
+            curve["loss"][i],
+            curve["smoothed"][i],
+            ",".join(marks.get(steps[i], [])),
+        ]
+        for i in keep
+        if 0 <= i < n
+    ]
+    _table(["step", "lr", "loss", "smoothed", "mark"], rows, out)
+    stopped = curve["stopped_at"]
+    state = (
+        f"diverged at step {stopped}"
+        if stopped is not None
+        else ("finished" if curve["finished"] else "running")
+    )
+    out.write(f"{n} of {curve['num_iter']} steps, {state}\n")
+    for rule in RULES:
+        out.write(f"{rule:>9}: {_fmt(curve['suggestions'].get(rule))}\n")
+    if args.png:
+        out.write(f"wrote {args.png}\n")
+    if adopted is not None:
+        verb = "created" if adopted.created else "exists (same spec)"
+        out.write(
+            f"run {args.adopt} {verb}: {args.rule} = {_fmt(curve['suggestions'].get(args.rule))}\n"
+        )
+    return None
+
+
+def _plot_range_test(plt: Any, path: str, curve: Mapping[str, Any]) -> None:
+    def num(values: Sequence[Any]) -> list[float]:
+        return [float(v) for v in values]  # float("NaN") reads the wire's strings too
+
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    lrs = num(curve["lr"])
+    ax.plot(lrs, num(curve["loss"]), color="0.75", linewidth=1, label="loss")
+    ax.plot(lrs, num(curve["smoothed"]), linewidth=1.6, label="smoothed loss")
+    colors = {"steepest": "tab:red", "valley": "tab:green", "minimum": "tab:purple"}
+    for rule, color in colors.items():
+        value, at = curve["suggestions"].get(rule), curve["suggested_steps"].get(rule)
+        if value is None or at is None:
+            continue
+        i = curve["steps"].index(at)
+        ax.axvline(float(value), color=color, linestyle="--", linewidth=1)
+        ax.scatter(
+            [lrs[i]],
+            [float(curve["smoothed"][i])],
+            color=color,
+            zorder=3,
+            label=f"{rule} {value:.3g}",
+        )
+    if curve["stopped_at"] is not None and curve["stopped_at"] in curve["steps"]:
+        i = curve["steps"].index(curve["stopped_at"])
+        ax.scatter(
+            [lrs[i]],
+            [float(curve["smoothed"][i])],
+            marker="x",
+            color="black",
+            zorder=3,
+            label=f"stop (step {curve['stopped_at']})",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(curve.get("metric", "loss"))
+    ax.set_title(f"range test {curve['run']}")
+    ax.grid(True, alpha=0.3, which="both")
+    if lrs:
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png", dpi=100)
+    except OSError as exc:
+        raise _Fail(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -530,15 +745,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--missing-ok", action="store_true", help="no error if it does not exist")
 
-    p = command("override", _cmd_override, "scale or set a value from a step on")
+    p = command("override", _cmd_override, "scale or set a value from a step on; withdraw one")
     p.add_argument("run")
-    p.add_argument("--from-step", type=_nonneg, required=True)
+    p.add_argument(
+        "--from-step",
+        type=_nonneg,
+        help="first step of the change (with --withdraw: first step without the override; "
+        "default the earliest step every trainer is guaranteed to see)",
+    )
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--scale", type=float, help="multiply the scheduled value by this")
     how.add_argument("--set", type=float, help="replace the scheduled value by this")
+    how.add_argument(
+        "--withdraw", type=_positive, metavar="N", help="withdraw override N (see `show`)"
+    )
     p.add_argument("--group", action="append", help="group name (repeat; default all)")
     p.add_argument("--field", default="lr", help="field (default lr)")
     p.add_argument("--note", help="why (recorded in the event)")
+
+    p = command("amend", _cmd_amend, "change a run's schedule from a step on")
+    p.add_argument("run")
+    p.add_argument(
+        "spec",
+        metavar="SPEC.json",
+        help="a schedule node, or {schedule, group_schedules, param_schedules} ('-': stdin)",
+    )
+    p.add_argument("--from-step", type=_nonneg, required=True, help="first amended step")
+    p.add_argument(
+        "--restart", action="store_true", help="the new schedule counts its steps from there"
+    )
+    p.add_argument(
+        "--base",
+        choices=["initial", "current"],
+        default="initial",
+        help="start from the groups' own values (default) or from those in force then",
+    )
+    p.add_argument("--note", help="why (recorded in the event)")
+
+    p = command("rewind", _cmd_rewind, "take a run back to a step (restart from a checkpoint)")
+    p.add_argument("run")
+    p.add_argument("--to-step", type=_nonneg, required=True, help="the checkpoint's step")
+    p.add_argument("--key", help="idempotency key: the same key again changes nothing")
+    p.add_argument("--note", help="why (recorded in the event)")
+
+    p = command(
+        "range-test", _cmd_range_test, "a range test's curve and suggested rates; adopt one"
+    )
+    p.add_argument("run")
+    p.add_argument("--rows", type=_positive, default=20, help="curve rows shown (default 20)")
+    p.add_argument("--png", metavar="FILE", help="plot loss against lr (log axis) to FILE")
+    p.add_argument("--adopt", metavar="NEW_RUN", help="create the training run NEW_RUN from it")
+    p.add_argument(
+        "--rule",
+        choices=["steepest", "valley", "minimum"],
+        default="steepest",
+        help="which suggestion --adopt uses (default steepest)",
+    )
+    p.add_argument("--total-steps", type=_positive, help="--adopt: OneCycleLR over N steps")
+    p.add_argument(
+        "--schedule", metavar="SPEC.json", help="--adopt: this schedule from the suggested rates"
+    )
     return parser
 
 

@@ -32,6 +32,7 @@ import httpx
 try:
     import torch
     import torch.distributed as dist
+    from torch.optim.lr_scheduler import LRScheduler
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subprocess test
     if exc.name is None or exc.name.split(".")[0] != "torch":
         raise
@@ -158,9 +159,11 @@ def groups_from_optimizer(optimizer: torch.optim.Optimizer) -> list[dict[str, An
     return out
 
 
-class RemoteScheduler:
+class RemoteScheduler(LRScheduler):
     """A learning-rate scheduler whose values come from an lrserve run.
 
+    It is a ``torch.optim.lr_scheduler.LRScheduler``, so frameworks that type-check
+    schedulers (Lightning, accelerate, Hugging Face ``Trainer``) take it as it is.
     Use it where a ``torch.optim.lr_scheduler`` scheduler goes: construct it after the
     optimizer (it writes step 0's values into the param groups, like torch does), call
     :meth:`step` after ``optimizer.step()``, and :meth:`report` with validation metrics
@@ -195,6 +198,10 @@ class RemoteScheduler:
         strict: raise :class:`WindowExhaustedError` / the client's errors instead of
             holding the last known values when the service is unreachable.
         timeout: seconds for one request of the client this builds.
+        rewind: what :meth:`load_state_dict` does with a checkpoint older than the run's
+            last completed step (a job restarting from an earlier checkpoint): ``True``
+            rewinds the run to the checkpoint's step, once for all ranks, and warns;
+            ``False`` raises :class:`lrserve.UsageError` instead.
     """
 
     def __init__(
@@ -217,6 +224,7 @@ class RemoteScheduler:
         aggregate: Aggregate = "mean",
         strict: bool = False,
         timeout: float = 10.0,
+        rewind: bool = True,
     ) -> None:
         if window < 2 or window > 100_000:
             raise UsageError(f"window must be between 2 and 100000 steps, got {window}")
@@ -224,7 +232,19 @@ class RemoteScheduler:
             raise UsageError(f"sync_every must be at least 1, got {sync_every}")
         if aggregate not in ("mean", "min", "max", "rank0"):
             raise UsageError(f"aggregate must be mean, min, max or rank0, got {aggregate!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{type(optimizer).__name__} is not a torch.optim.Optimizer")
+        # LRScheduler.__init__ is deliberately not called: it would add ``initial_lr`` to the
+        # groups, wrap ``optimizer.step`` and call step() once, so the groups would hold
+        # step 1's values, not step 0's. The attributes torch and the frameworks read are set
+        # here instead: ``optimizer``, ``base_lrs``, ``_step_count`` (accelerate increments it
+        # on accumulation steps) and ``last_epoch`` (a property).
         self.optimizer = optimizer
+        self.base_lrs = [
+            v.clone() if isinstance(v, torch.Tensor) else v
+            for v in (g.get("initial_lr", g["lr"]) for g in optimizer.param_groups)
+        ]
+        self._step_count = 1
         self.run_id = run
         self.strict = strict
         self.chief = chief
@@ -244,6 +264,7 @@ class RemoteScheduler:
         self._report_timeout = float(report_timeout)
         self._aggregate = aggregate
         self._spec = dict(spec) if spec is not None else None
+        self._rewind = bool(rewind)
 
         self._step = 0
         self._names: list[str] | None = None
@@ -254,6 +275,7 @@ class RemoteScheduler:
         self._offline = False
         self._warned_offline = False
         self._warned_held = False
+        self._warned_rewind = False
         self._closed = False
         self._warned_shared = False
         self._stop = threading.Event()
@@ -305,11 +327,15 @@ class RemoteScheduler:
 
     # -- the step path ---------------------------------------------------------------
 
-    def step(self) -> None:
+    def step(self, epoch: int | None = None) -> None:
         """Advance one step and write that step's values into the param groups.
 
         Steady state: an index into the prefetched window, no network, no lock.
+        ``epoch`` is there for torch's signature only (torch deprecated it); passing one
+        raises :class:`lrserve.UsageError`: use :meth:`load_state_dict` to move elsewhere.
         """
+        if epoch is not None:
+            raise UsageError("RemoteScheduler.step() takes no epoch; it advances one step")
         s = self._step + 1
         b = self._bound
         if b is not None and b.groups is self.optimizer.param_groups:
@@ -399,6 +425,16 @@ class RemoteScheduler:
         """The number of :meth:`step` calls so far (torch's name for it)."""
         return self._step
 
+    @last_epoch.setter
+    def last_epoch(self, value: int) -> None:
+        # LRScheduler declares last_epoch as a plain attribute; a setter keeps the type
+        # checks of subclasses happy, but moving the step goes through the server.
+        if int(value) != self._step:
+            raise UsageError(
+                f"RemoteScheduler.last_epoch is read-only (step {self._step}); "
+                "use load_state_dict() to continue from another step"
+            )
+
     @property
     def version(self) -> int | None:
         """The run version of the values in use (``None`` before any arrived)."""
@@ -422,6 +458,26 @@ class RemoteScheduler:
             g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
             for g in self.optimizer.param_groups
         ]
+
+    def get_lr(self) -> list[Any]:
+        """The current step's rates (torch's ``get_lr()``; the values come from the run)."""
+        return self.get_last_lr()
+
+    def _reapply(self) -> None:
+        """Write the current step's values again from the window in hand (no network).
+
+        For the framework callbacks (``lrserve.lightning``, ``lrserve.hf``): frameworks step
+        the scheduler before they validate, so the callbacks report for the step before
+        the current one, and the decision then applies to the current step, as it does for
+        the framework's own ``ReduceLROnPlateau``.
+        """
+        b = self._bound
+        if (
+            b is not None
+            and b.groups is self.optimizer.param_groups
+            and b.window.covers(self._step)
+        ):
+            b.apply(self._step - b.start)
 
     def report(self, metrics: Mapping[str, Any], step: int | None = None) -> ReportResult | None:
         """Report metrics for ``step`` (default: the current step) and apply the answer.
@@ -811,19 +867,61 @@ class RemoteScheduler:
                 bind(w, self._group_names(), self.optimizer.param_groups).apply(0)
             self._bound = None
             self._next = None
+        refused: BaseException | None = None
         if self._talks and self._names is not None:
             try:
+                self._rewind_to(s)
                 self._flush_outbox()
                 self._install(self._fetch(s), force=True)
             except _UNAVAILABLE as exc:
                 if self.strict:
                     raise
                 self._went_offline(exc)
+            except UsageError as exc:
+                if not self._collective:
+                    raise
+                refused = exc  # every rank raises it, after the broadcast below
         if self._collective:
-            self._chief_sync(s)
+            self._chief_sync(s, refused)
         elif self._bound is not None and self._bound.window.covers(s):
             self._bound.apply(s - self._bound.start)
         self._wake.set()
+
+    def _rewind_to(self, s: int) -> None:
+        """Resuming at step ``s`` of a run that completed later steps: rewind it to ``s``.
+
+        The key is the checkpoint's step and the branch the run is on, so every rank that
+        loads the same checkpoint asks for the same rewind (the server makes it once), and a
+        second resume from the same checkpoint later, on the new branch, rewinds again.
+        A rank that reads the run after another rank's rewind finds nothing to rewind.
+        """
+        assert self._client is not None
+        run = self._client.get_run(self.run_id)
+        completed = run.get("completed_step")
+        if completed is None or completed <= s:
+            return
+        if not self._rewind:
+            raise UsageError(
+                f"lrserve run {self.run_id!r}: the checkpoint is at step {s} but the run has "
+                f"completed step {completed}: resuming as is would meet the later steps' "
+                "reports and the decisions they caused (a plateau reduction, say). Pass "
+                "rewind=True to take the run back to the checkpoint (the later reports are "
+                "kept as an abandoned branch), resume from a newer checkpoint, or rewind it "
+                "yourself (lrserve rewind RUN --to-step N)"
+            )
+        branch = int(run.get("branch", 0))
+        key = f"resume-step{s}-branch{branch}"
+        after = self._client.rewind(self.run_id, s, key=key, note=f"resume from step {s}")
+        if after.get("branch", branch) != branch and not self._warned_rewind:
+            self._warned_rewind = True
+            msg = (
+                f"lrserve run {self.run_id!r}: resumed from a checkpoint at step {s}, older "
+                f"than the run's completed step {completed}: the run is rewound to step {s} "
+                f"(branch {after.get('branch')}); reports after it are kept as an abandoned "
+                "branch and their decisions are undone"
+            )
+            log.warning(msg)
+            warnings.warn(msg, UserWarning, stacklevel=3)
 
     # -- lifetime --------------------------------------------------------------------
 

@@ -17,7 +17,18 @@ from service.api.common import HotRoute, is_hot
 from service.api.deps import StoreHolder
 from service.api.middleware import RequestMiddleware
 from service.api.problems import install_handlers
-from service.api.routers import dashboard, health, inspect, lr, metrics, overrides, preview, runs
+from service.api.routers import (
+    dashboard,
+    health,
+    inspect,
+    lr,
+    metrics,
+    overrides,
+    preview,
+    range_test,
+    runs,
+    steering,
+)
 from service.config import Settings
 
 log = logging.getLogger("lrserve.app")
@@ -55,7 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Without a token there is nothing to check: no per-request dependency at all.
     v1_deps = [Depends(require_token)] if settings.auth_enabled else []
-    v1_routers = [m.router for m in (lr, metrics, runs, inspect, preview, overrides)]
+    v1_routers = [
+        m.router for m in (lr, metrics, runs, inspect, preview, overrides, steering, range_test)
+    ]
     for router in v1_routers:
         app.include_router(router, dependencies=v1_deps)
     app.include_router(health.router)

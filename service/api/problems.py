@@ -18,10 +18,12 @@ from starlette.responses import Response
 from service.runs.errors import (
     InvalidArgument,
     ReportConflict,
+    RewindConflict,
     RunConflict,
     RunError,
     RunNotFound,
     StaleReport,
+    TooLate,
 )
 from service.runs.repository import StoreBusy, StoreError
 from service.schedules import SpecError
@@ -81,6 +83,8 @@ _RUN_ERRORS: dict[type[RunError], tuple[int, str, str]] = {
     RunConflict: (409, "run-conflict", "Run conflict"),
     ReportConflict: (409, "report-conflict", "Report conflict"),
     StaleReport: (409, "stale-report", "Stale report"),
+    RewindConflict: (409, "rewind-conflict", "Rewind key conflict"),
+    TooLate: (409, "too-late", "Too late for that step"),
 }
 
 
@@ -97,6 +101,7 @@ def problem_response(
     detail: str,
     errors: Sequence[Mapping[str, Any]] | None = None,
     headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Response:
     body: dict[str, Any] = {
         "type": f"/problems/{slug}",
@@ -106,6 +111,8 @@ def problem_response(
     }
     if errors is not None:
         body["errors"] = list(errors)
+    if extra:
+        body.update(extra)  # RFC 9457 extension members
     return Response(
         json.dumps(body, default=str).encode(),
         status_code=status,
@@ -185,7 +192,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RunError)
     async def _run_error(request: Request, exc: RunError) -> Response:
         status, slug, title = _RUN_ERRORS.get(type(exc), (409, "conflict", "Conflict"))
-        return problem_response(status, slug, title, exc.message)
+        extra = {"earliest_step": exc.earliest_step} if isinstance(exc, TooLate) else None
+        return problem_response(status, slug, title, exc.message, extra=extra)
 
     @app.exception_handler(StoreBusy)
     async def _busy(request: Request, exc: StoreBusy) -> Response:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from service.runs.model import Aggregate
 from service.schedules import ScheduleSpec
 from service.schedules.base import MAX_STEP
+from service.schedules.spec import AnySchedule
 
 MAX_METRICS_PER_REPORT = 256
 MAX_WINDOW = 100_000
@@ -82,6 +83,53 @@ class OverrideIn(BaseModel):
     note: str = Field("", max_length=2000)
 
 
+class AmendmentIn(BaseModel):
+    """The body of ``POST /v1/runs/{id}/amendments``: new schedule parts from a step on."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    from_step: int = Field(ge=0, le=MAX_STEP - 1)
+    schedule: AnySchedule | None = None
+    group_schedules: dict[str, AnySchedule] | None = Field(None, max_length=1024)
+    param_schedules: dict[str, AnySchedule] | None = Field(None, max_length=64)
+    restart: bool = Field(
+        False, description="true: the new parts count steps from from_step (their step 0)"
+    )
+    base: Literal["initial", "current"] = Field(
+        "initial",
+        description="the groups' own base values, or the values in force at from_step - 1",
+    )
+    note: str = Field("", max_length=2000)
+
+    @model_validator(mode="after")
+    def _something(self) -> AmendmentIn:
+        if self.schedule is None and not self.group_schedules and not self.param_schedules:
+            raise ValueError("give at least one of schedule, group_schedules, param_schedules")
+        return self
+
+    def parts(self) -> dict[str, Any]:
+        """The given parts as JSON documents (the form they are stored in)."""
+        dumped = self.model_dump(
+            mode="json", include={"schedule", "group_schedules", "param_schedules"}
+        )
+        return {k: v for k, v in dumped.items() if v is not None}
+
+
+class RewindIn(BaseModel):
+    """The body of ``POST /v1/runs/{id}/rewind``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to_step: int = Field(ge=0, le=MAX_STEP - 2)
+    key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="idempotency key: a rewind with a key already used changes nothing",
+    )
+    note: str = Field("", max_length=2000)
+
+
 class PreviewIn(ScheduleSpec):
     """``POST /v1/schedules/preview``: a run's schedule part plus the steps to show."""
 
@@ -124,15 +172,43 @@ class Problem(_Answer):
     status: int
     detail: str
     errors: list[ProblemItem] | None = None
+    earliest_step: int | None = Field(
+        None, description="too-late: the first step the change can be guaranteed from"
+    )
 
 
 class OverrideOut(_Answer):
+    n: int = Field(description="the override's number (DELETE .../overrides/{n})")
     from_step: int
     action: Literal["scale", "set"]
     value: float
     groups: list[str]
     field: str
     note: str
+    at: str
+    until_step: int | None = Field(None, description="withdrawn: in force before this step")
+    withdrawn_at: str | None = None
+
+
+class AmendmentOut(_Answer):
+    n: int
+    from_step: int
+    schedule: dict[str, Any] | None = None
+    group_schedules: dict[str, dict[str, Any]] | None = None
+    param_schedules: dict[str, dict[str, Any]] | None = None
+    restart: bool
+    base: Literal["initial", "current"]
+    note: str
+    at: str
+
+
+class RewindOut(_Answer):
+    n: int = Field(description="the rewind's number: the branch it starts")
+    key: str | None
+    to_step: int
+    from_step: int | None = Field(description="the run's highest step before the rewind")
+    note: str
+    reports_set_aside: int
     at: str
 
 
@@ -148,6 +224,13 @@ class RunOut(_Answer):
     completed_step: int | None = Field(description="highest step every rank reported")
     state: dict[str, Any]
     overrides: list[OverrideOut]
+    amendments: list[AmendmentOut]
+    rewinds: list[RewindOut]
+    branch: int = Field(description="the current branch: how many rewinds the run has had")
+    leased_until: int = Field(
+        description="trainers may hold values up to this step (exclusive): changes of the "
+        "schedule or overrides can start here at the earliest"
+    )
 
 
 class RunSummaryOut(_Answer):
@@ -198,24 +281,36 @@ class ReportOut(_Answer):
     decision: DecisionOut | None = Field(description="null until the step is complete")
     applies_from: int
     groups: GroupValues
+    stop: bool = Field(
+        False,
+        description="a range test (LRRangeTest) is finished at this step: diverged at or "
+        "before it, or it is the last step; every rank stops",
+    )
 
 
 class MetricPointOut(_Answer):
     step: int
     rank: int
     value: WireFloat | None
+    branch: int = Field(description="the run's branch (rewinds before it) when reported")
+
+
+class AbandonedPointOut(MetricPointOut):
+    abandoned_by: int = Field(description="the rewind that set the point aside")
 
 
 class AggregatePointOut(_Answer):
     step: int
     value: WireFloat | None
+    branch: int
 
 
 class MetricHistoryOut(_Answer):
     run: str
     name: str
-    points: list[MetricPointOut]
+    points: list[MetricPointOut] = Field(description="reports on the run's timeline")
     aggregate: list[AggregatePointOut] = Field(description="the values metric nodes saw")
+    abandoned: list[AbandonedPointOut] = Field(description="reports rewinds set aside")
 
 
 class EventOut(_Answer):
@@ -224,6 +319,8 @@ class EventOut(_Answer):
     step: int | None
     at: str
     data: dict[str, Any]
+    branch: int = Field(description="the run's branch when the event was recorded")
+    abandoned_by: int = Field(description="0 on the run's timeline; else the rewind")
 
 
 class EventsOut(_Answer):
@@ -240,11 +337,55 @@ class CurveOut(_Answer):
     groups: GroupSeries
 
 
+class ChangePreviewOut(_Answer):
+    """A change's dry run (``?dry_run=true`` on a steering call): nothing was stored."""
+
+    dry_run: Literal[True]
+    changed: bool = Field(
+        description="false when the change would change nothing (the same amendment made "
+        "already, a rewind key used already)"
+    )
+    run: RunOut = Field(description="the run as the change would leave it")
+    before: CurveOut = Field(description="the run's curve now, as GET .../curve answers it")
+    after: CurveOut = Field(description="the same steps' curve after the change")
+
+
 class PreviewOut(_Answer):
     start: int
     count: int
     steps: list[int] | None = Field(None, description="present when points were asked for")
     groups: GroupSeries
+
+
+class RangeTestSuggestionsOut(_Answer):
+    steepest: float | None = Field(description="torch-lr-finder's steepest-gradient rule")
+    valley: float | None = Field(description="fastai's valley rule")
+    minimum: float | None = Field(description="fastai's rule: lr at the minimum / 10")
+
+
+class RangeTestStepsOut(_Answer):
+    steepest: int | None
+    valley: int | None
+    minimum: int | None = Field(description="the step of the smallest smoothed loss")
+
+
+class RangeTestOut(_Answer):
+    """``GET .../range-test``: API.md's fields, then lrserve's extensions (docs/range-test.md)."""
+
+    run: str
+    steps: list[int]
+    lr: list[float] = Field(description="the first range-test group's rate at each step")
+    loss: list[WireFloat] = Field(description="the loss the node saw (the ranks' aggregate)")
+    smoothed: list[WireFloat]
+    stopped_at: int | None = Field(description="the step the loss diverged at (recorded)")
+    suggestions: RangeTestSuggestionsOut
+    version: int
+    metric: str
+    num_iter: int
+    path: str = Field(description="the node's place: schedule or group_schedules.<name>")
+    finished: bool = Field(description="diverged or reached its last step: trainers stop")
+    groups: dict[str, list[float]] = Field(description="every range-test group's rates")
+    suggested_steps: RangeTestStepsOut
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -254,7 +395,7 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "no or invalid token",
         403: "the read-only token cannot write",
         404: "no run with this id (run-not-found)",
-        409: "conflicts with the run's state",
+        409: "conflicts with the run's state (too-late: earliest_step says from when)",
         413: "body too large",
         415: "body is not JSON",
         422: "invalid request (validation-error): errors[] names each field",
@@ -275,6 +416,8 @@ __all__ = [
     "MAX_METRICS_PER_REPORT",
     "MAX_WINDOW",
     "Aggregate",
+    "AmendmentIn",
+    "ChangePreviewOut",
     "CurveOut",
     "EventsOut",
     "MetricHistoryOut",
@@ -284,6 +427,7 @@ __all__ = [
     "Problem",
     "ReportIn",
     "ReportOut",
+    "RewindIn",
     "RunListOut",
     "RunOut",
     "StepValuesOut",

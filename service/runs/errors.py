@@ -37,6 +37,19 @@ class StaleReport(RunError):
     """A report for a step older than the newest completed one."""
 
 
+class TooLate(RunError):
+    """A change from a step that trainers may already have applied: ``earliest_step`` is the
+    first step the server can still guarantee every trainer applies it from."""
+
+    def __init__(self, message: str, earliest_step: int) -> None:
+        super().__init__(message)
+        self.earliest_step = earliest_step
+
+
+class RewindConflict(RunError):
+    """A rewind key already used on this run for another step."""
+
+
 class InvalidArgument(RunError):
     """An argument that is well-formed alone but not for this run (an unknown group, a rank
     beyond the world size, an empty range). ``field`` names it as a path of the use case's
@@ -51,8 +64,10 @@ class InvalidArgument(RunError):
 __all__ = [
     "InvalidArgument",
     "ReportConflict",
+    "RewindConflict",
     "RunConflict",
     "RunError",
     "RunNotFound",
     "StaleReport",
+    "TooLate",
 ]

@@ -18,7 +18,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, field_validator
 
-from service.runs.errors import InvalidArgument, ReportConflict, StaleReport
+from service.runs.errors import InvalidArgument, ReportConflict, StaleReport, TooLate
+from service.runs.timeline import MAX_AMENDMENTS, Timeline, timeline
 from service.schedules import Program, ScheduleSpec
 
 Aggregate = Literal["mean", "min", "max", "rank0"]
@@ -73,7 +74,57 @@ class OverrideChange:
     note: str = ""
 
 
-# -- compiled programs -----------------------------------------------------------------
+@dataclass(frozen=True)
+class AmendmentChange:
+    """A change of the schedule itself from ``from_step`` on (see :mod:`.timeline`).
+
+    ``parts`` holds the given ``schedule`` / ``group_schedules`` / ``param_schedules`` as
+    JSON documents; ``restart``: the new parts count steps from ``from_step``; ``base``:
+    ``"initial"`` (the groups' own values) or ``"current"`` (the values at ``from_step - 1``).
+    """
+
+    from_step: int
+    parts: Mapping[str, Any]
+    restart: bool = False
+    base: Literal["initial", "current"] = "initial"
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RewindChange:
+    """Take the run back to how it was when ``to_step`` completed."""
+
+    to_step: int
+    key: str | None = None
+    note: str = ""
+
+
+LEASE_GRAIN = 64
+"""Leases grow in multiples of this many steps: a window that reaches a few steps further
+than the last one writes nothing (one write per grain, however many ranks poll)."""
+
+
+def lease_end(until: int) -> int:
+    """The lease that covers values handed out up to (not including) ``until``."""
+    return -(-until // LEASE_GRAIN) * LEASE_GRAIN
+
+
+def check_not_too_late(what: str, from_step: int, leased_until: int) -> None:
+    """Refuse a change from a step that trainers may already have been handed.
+
+    The step named in the refusal leaves one lease grain of headroom: trainers keep fetching
+    while the caller posts again, and the lease grows a grain at a time, so the step right at
+    the lease could be gone by then; one grain further, it holds until the fastest trainer has
+    gone that many steps further.
+    """
+    if from_step < leased_until:
+        earliest = leased_until + LEASE_GRAIN
+        raise TooLate(
+            f"{what} from step {from_step} is too late: trainers may already have the values "
+            f"of steps up to {leased_until - 1}; post it from step {earliest} or later (that "
+            f"leaves the trainers {LEASE_GRAIN} more steps before it is too late again)",
+            earliest,
+        )
 
 
 @dataclass(frozen=True)
@@ -93,6 +144,14 @@ def compile_spec(spec_text: str) -> Compiled:
     return Compiled(spec, Program(spec))
 
 
+@lru_cache(maxsize=512)
+def compile_run(spec_text: str, amendments_text: str = "[]") -> Timeline:
+    """The run's whole schedule: its spec's program and its amendments (cached per text)."""
+    compiled = compile_spec(spec_text)
+    amendments = [] if amendments_text == "[]" else json.loads(amendments_text)
+    return timeline(compiled.spec, amendments, compiled.program)
+
+
 # -- values: schedule, then overrides ----------------------------------------------------
 
 
@@ -105,23 +164,25 @@ def apply_overrides(
     stop = start + count
     for ov in overrides:
         first = int(ov["from_step"])
-        if first >= stop:
+        until = ov.get("until_step")  # withdrawn: in force on [from_step, until_step)
+        last = stop if until is None else min(stop, int(until))
+        if first >= last or last <= start:
             continue
-        offset = max(0, first - start)
+        a, b = max(0, first - start), last - start
         fld = ov["field"]
         for group in ov["groups"]:
             series = values.get(group, {}).get(fld)
             if series is None:
                 continue
             if ov["action"] == "set":
-                series[offset:] = float(ov["value"])
+                series[a:b] = float(ov["value"])
             else:
-                series[offset:] *= float(ov["value"])
+                series[a:b] *= float(ov["value"])
     return values
 
 
 def evaluate(
-    program: Program,
+    program: Program | Timeline,
     state: Mapping[str, Any],
     overrides: Sequence[Mapping[str, Any]],
     start: int,
@@ -149,8 +210,11 @@ def at_step(values: Values, index: int = 0) -> dict[str, dict[str, float]]:
 # -- overrides ---------------------------------------------------------------------------
 
 
-def make_override(program: Program, body: OverrideChange, at: str) -> dict[str, Any]:
-    """The stored form of an override, checked against the run's groups and fields."""
+def make_override(
+    program: Program | Timeline, body: OverrideChange, at: str, n: int = 1
+) -> dict[str, Any]:
+    """The stored form of override number ``n``, checked against the run's groups and
+    fields."""
     names = list(program.group_names)
     groups = list(body.groups) if body.groups is not None else names
     for i, g in enumerate(groups):
@@ -164,6 +228,7 @@ def make_override(program: Program, body: OverrideChange, at: str) -> dict[str, 
     if len(set(groups)) != len(groups):
         raise InvalidArgument(("groups",), "groups are listed more than once")
     return {
+        "n": n,
         "from_step": body.from_step,
         "action": body.action,
         "value": body.value,
@@ -172,6 +237,95 @@ def make_override(program: Program, body: OverrideChange, at: str) -> dict[str, 
         "note": body.note,
         "at": at,
     }
+
+
+def withdraw_override(
+    overrides: list[dict[str, Any]], n: int, from_step: int | None, leased_until: int, at: str
+) -> dict[str, Any]:
+    """Withdraw override ``n`` from ``from_step`` on (default: the earliest step every trainer
+    is guaranteed to see) and return it. Values before that step keep it; an override
+    withdrawn from a step before its own ``from_step`` never applies."""
+    if not 1 <= n <= len(overrides):
+        raise InvalidArgument(("n",), f"the run has no override {n} (it has {len(overrides)})")
+    ov = overrides[n - 1]
+    if ov.get("until_step") is not None:
+        raise InvalidArgument(
+            ("n",), f"override {n} was already withdrawn from step {ov['until_step']}"
+        )
+    step = leased_until if from_step is None else from_step
+    check_not_too_late(f"withdrawing override {n}", step, leased_until)
+    ov["until_step"] = step
+    ov["withdrawn_at"] = at
+    return ov
+
+
+# -- amendments --------------------------------------------------------------------------
+
+
+def amendment_key(change: AmendmentChange) -> str:
+    """What makes two amendment requests the same (everything but the time)."""
+    return json.dumps(
+        {
+            "from_step": change.from_step,
+            "parts": dict(change.parts),
+            "restart": change.restart,
+            "base": change.base,
+            "note": change.note,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def stored_amendment_key(amendment: Mapping[str, Any]) -> str:
+    """:func:`amendment_key` of a stored amendment."""
+    return amendment_key(
+        AmendmentChange(
+            from_step=int(amendment["from_step"]),
+            parts={
+                k: amendment[k]
+                for k in ("schedule", "group_schedules", "param_schedules")
+                if k in amendment
+            },
+            restart=bool(amendment["restart"]),
+            base=amendment["base"],
+            note=amendment["note"],
+        )
+    )
+
+
+def make_amendment(
+    spec: RunSpec,
+    base: Program,
+    amendments: Sequence[Mapping[str, Any]],
+    state: Mapping[str, Any],
+    change: AmendmentChange,
+    at: str,
+) -> dict[str, Any]:
+    """The stored form of a new amendment, checked: it compiles for the run's groups and, with
+    ``base="current"``, for the values at ``from_step - 1`` as they stand now."""
+    if len(amendments) >= MAX_AMENDMENTS:
+        raise InvalidArgument(
+            ("from_step",), f"a run has at most {MAX_AMENDMENTS} amendments; create a new run"
+        )
+    if change.base == "current" and change.from_step < 1:
+        raise InvalidArgument(
+            ("base",), "base 'current' takes the values at from_step - 1: from_step must be >= 1"
+        )
+    stored: dict[str, Any] = {
+        "n": len(amendments) + 1,
+        "from_step": change.from_step,
+        **{k: v for k, v in change.parts.items() if v is not None},
+        "restart": change.restart,
+        "base": change.base,
+        "note": change.note,
+        "at": at,
+    }
+    new = timeline(spec, [*amendments, stored], base)
+    # Evaluating the first amended step compiles the amendment on its base values: a bad one
+    # is refused now, not at a trainer's next request.
+    new.evaluate(dict(state), change.from_step, 1)
+    return stored
 
 
 # -- reports -----------------------------------------------------------------------------
@@ -253,6 +407,7 @@ def check_rank(compiled: Compiled, rank: int) -> None:
 
 def plan_report(
     compiled: Compiled,
+    schedule: Program | Timeline,
     state: Mapping[str, Any],
     completed_step: int | None,
     step: int,
@@ -262,7 +417,8 @@ def plan_report(
 ) -> ReportPlan:
     """Decide what a report means: duplicate, conflict, stale, partial or completing.
 
-    ``existing`` are the (rank, values text) already stored for ``step``.
+    ``existing`` are the (rank, values text) already stored for ``step``; ``schedule`` is
+    the run's whole schedule (its amendments included), which observes the aggregate.
     """
     spec = compiled.spec
     check_rank(compiled, rank)
@@ -283,7 +439,7 @@ def plan_report(
         return ReportPlan(duplicate=False, complete=False, reported_ranks=ranks)
     reports = [(r, json.loads(t)) for r, t in existing] + [(rank, json.loads(values_text))]
     agg = aggregate(sorted(reports, key=lambda rv: rv[0]), spec.aggregate)
-    new_state, decision = compiled.program.observe(dict(state), step=step, metrics=agg)
+    new_state, decision = schedule.observe(dict(state), step, agg)
     return ReportPlan(
         duplicate=False,
         complete=True,

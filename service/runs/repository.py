@@ -68,6 +68,14 @@ class RunRecord:
     state: str
     """Program state JSON (plateau nodes' state)."""
     overrides: str = "[]"
+    amendments: str = "[]"
+    """Schedule amendments JSON, in the order they were made."""
+    rewinds: str = "[]"
+    """Rewinds JSON (each with its idempotency key), in order."""
+    leased_until: int = 0
+    """No trainer has been handed values for a step at or after this one (see the lease)."""
+    branch: int = 0
+    """The current branch: how many rewinds the run has had."""
     version: int = 1
     step: int | None = None
     completed_step: int | None = None
@@ -91,6 +99,20 @@ class ReportRow:
     values: str
     """Canonical JSON of the reported values (non-finite floats as JSON NaN/Infinity)."""
     received_at: str
+    branch: int = 0
+    """The run's branch when the report arrived."""
+
+
+@dataclass(frozen=True)
+class AbandonedReportRow:
+    """A report a rewind set aside (``abandoned_by``: that rewind's number)."""
+
+    step: int
+    rank: int
+    values: str
+    received_at: str
+    branch: int
+    abandoned_by: int
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,10 @@ class EventRow:
     step: int | None
     at: str
     data: str
+    branch: int = 0
+    """The run's branch when the event was recorded."""
+    abandoned_by: int = 0
+    """0 while the event is on the run's timeline; else the rewind that set it aside."""
 
 
 class RunTx(Protocol):
@@ -125,7 +151,21 @@ class RunTx(Protocol):
         (on its own connection: a second one could wait on a pool the caller drains)."""
 
     def save(self) -> None:
-        """Write ``run`` back (state, overrides, counters, updated_at)."""
+        """Write ``run`` back (state, overrides, amendments, rewinds, lease, counters)."""
+
+    def save_lease(self) -> None:
+        """Write ``run.leased_until`` alone (bookkeeping: not a change of the run)."""
+
+    def set_aside_after(self, step: int, rewind: int) -> int:
+        """Rewind ``rewind``: move the reports for steps after ``step`` to the abandoned
+        reports, and mark the events of reports after ``step`` (``report_completed``,
+        ``reduced``) as set aside by it. Returns how many reports moved."""
+
+    def completed_after_rewind(self) -> list[EventRow]:
+        """The ``report_completed`` events on the run's timeline, ordered by step."""
+
+    def highest_report_step(self) -> int | None:
+        """The highest step any rank reported on the run's timeline."""
 
 
 class Store(Protocol):
@@ -169,15 +209,20 @@ class Store(Protocol):
     def reports(self, run_id: str) -> list[ReportRow]:
         """Every report of the run ordered by (step, rank)."""
 
-    def events_of_type(self, run_id: str, type: str) -> list[EventRow]: ...
+    def events_of_type(self, run_id: str, type: str) -> list[EventRow]:
+        """Every event of ``type``, set aside ones included (``abandoned_by``), by seq."""
 
     def count_reports(self, run_id: str, step: int) -> int: ...
 
     def event_at(self, run_id: str, type: str, step: int) -> EventRow | None:
-        """The latest event of ``type`` recorded for ``step``."""
+        """The latest event of ``type`` recorded for ``step`` on the run's timeline."""
 
-    def run_version(self, run_id: str) -> tuple[int, str, int | None] | None:
-        """(version, created_at, step) of the run; the first two identify its content."""
+    def run_version(self, run_id: str) -> tuple[int, str, int | None, int] | None:
+        """(version, created_at, step, leased_until) of the run; the first two identify its
+        content."""
+
+    def abandoned_reports(self, run_id: str) -> list[AbandonedReportRow]:
+        """Every report rewinds set aside, ordered by (rewind, step, rank)."""
 
     def completed_step(self, run_id: str) -> tuple[bool, int | None]:
         """(exists, completed_step): the cheap read ``?wait=`` polls."""

@@ -17,39 +17,53 @@ Results are domain values (:class:`Run`, :class:`ReportOutcome`, ...), never HTT
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import anyio
 from anyio import to_thread
 
 from service.runs.curve import decimate
-from service.runs.errors import InvalidArgument, RunConflict, RunNotFound
+from service.runs.errors import InvalidArgument, RewindConflict, RunConflict, RunNotFound
 from service.runs.model import (
+    AmendmentChange,
     OverrideChange,
     ReportPlan,
+    RewindChange,
     RunSpec,
     Values,
+    amendment_key,
     at_step,
     canonical_values,
+    check_not_too_late,
     check_rank,
+    compile_run,
     compile_spec,
     evaluate,
+    lease_end,
+    make_amendment,
     make_override,
     plan_report,
+    stored_amendment_key,
+    withdraw_override,
 )
+from service.runs.range_test import RangeTestCurveValues, range_test_curve, report_stop
 from service.runs.repository import (
     ReportRow,
     RunRecord,
     RunSummary,
+    RunTx,
     Store,
+    StoreBusy,
     WouldBlock,
     dumps,
-    utcnow,
 )
+from service.runs.timeline import Timeline
 from service.runs.values import ValuesCache
 from service.schedules import Program, ScheduleSpec
 from service.schedules.base import MAX_STEP
@@ -75,29 +89,37 @@ class Run:
     spec_text: str
     """The normalised spec (canonical JSON): also the idempotency key."""
     spec: RunSpec
-    program: Program
+    schedule: Timeline
+    """The whole schedule: the spec's program and the amendments."""
     state: dict[str, Any]
     overrides: list[dict[str, Any]]
+    amendments: list[dict[str, Any]]
+    rewinds: list[dict[str, Any]]
     version: int
     step: int | None
     completed_step: int | None
+    leased_until: int
+    branch: int
     created_at: str
     updated_at: str
 
     @classmethod
     def of(cls, record: RunRecord, state: dict[str, Any] | None = None) -> Run:
         """The run of a stored row (``state``: the row's state already parsed, if at hand)."""
-        compiled = compile_spec(record.spec)
         return cls(
             id=record.id,
             spec_text=record.spec,
-            spec=compiled.spec,
-            program=compiled.program,
+            spec=compile_spec(record.spec).spec,
+            schedule=compile_run(record.spec, record.amendments),
             state=json.loads(record.state) if state is None else state,
-            overrides=[] if record.overrides == "[]" else json.loads(record.overrides),
+            overrides=_list(record.overrides),
+            amendments=_list(record.amendments),
+            rewinds=_list(record.rewinds),
             version=record.version,
             step=record.step,
             completed_step=record.completed_step,
+            leased_until=record.leased_until,
+            branch=record.branch,
             created_at=record.created_at,
             updated_at=record.updated_at,
         )
@@ -109,18 +131,24 @@ class Run:
 
     def values(self, start: int, count: int) -> Values:
         """Every group's values for ``[start, start + count)``: schedule, then overrides."""
-        return evaluate(self.program, self.state, self.overrides, start, count)
+        return evaluate(self.schedule, self.state, self.overrides, start, count)
+
+
+def _list(text: str) -> list[dict[str, Any]]:
+    return [] if text == "[]" else list(json.loads(text))
 
 
 # The hot paths' results are NamedTuples: a frozen dataclass costs microseconds to build.
 
 
 class RunVersion(NamedTuple):
-    """What identifies a run's values: ``(version, created_at)``; and its current step."""
+    """What identifies a run's values: ``(version, created_at)``; its current step, and how
+    far trainers have been handed values (``leased_until``, exclusive)."""
 
     version: int
     created_at: str
     step: int | None
+    leased_until: int = 0
 
 
 class StepValues(NamedTuple):
@@ -154,6 +182,8 @@ class ReportOutcome(NamedTuple):
     """Every group's values at ``step + 1``."""
     duplicate: bool
     completed_now: bool
+    stop: bool = False
+    """A range test is finished at ``step`` (diverged, or its last step): trainers stop."""
 
 
 @dataclass(frozen=True)
@@ -177,10 +207,25 @@ class CurveValues:
 
 
 @dataclass(frozen=True)
+class ChangePreview:
+    """A dry run of a change: the run before and as the change would leave it, and its
+    curve over the same steps before and after."""
+
+    before: Run
+    after: Run
+    before_curve: CurveValues
+    after_curve: CurveValues
+
+
+@dataclass(frozen=True)
 class MetricPoint:
     step: int
     rank: int
     value: float | None
+    branch: int = 0
+    """The run's branch when the report arrived (the number of rewinds before it)."""
+    abandoned_by: int = 0
+    """0 for a point on the run's timeline; else the rewind that set it aside."""
 
 
 @dataclass(frozen=True)
@@ -188,8 +233,11 @@ class MetricHistory:
     run_id: str
     name: str
     points: list[MetricPoint]
-    aggregate: list[tuple[int, float | None]]
-    """``(step, value)`` the metric-driven nodes saw, per completed step."""
+    """The reports on the run's timeline, by step and rank."""
+    aggregate: list[tuple[int, float | None, int]]
+    """``(step, value, branch)`` the metric-driven nodes saw, per completed step."""
+    abandoned: list[MetricPoint]
+    """Reports that rewinds set aside (an abandoned branch), by rewind, step and rank."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +247,8 @@ class Event:
     step: int | None
     at: str
     data: dict[str, Any]
+    branch: int = 0
+    abandoned_by: int = 0
 
 
 # -- transactions (blocking; any thread) -------------------------------------------------
@@ -255,7 +305,9 @@ def report(
         run = tx.run
         compiled = compile_spec(run.spec)
         check_rank(compiled, rank)
-        inserted = tx.insert_report_if_absent(ReportRow(step, rank, values_text, tx.now))
+        inserted = tx.insert_report_if_absent(
+            ReportRow(step, rank, values_text, tx.now, run.branch)
+        )
         if inserted and compiled.spec.world_size == 1:
             existing: list[tuple[int, str]] = []
         else:
@@ -264,7 +316,14 @@ def report(
             ]
         state = json.loads(run.state)
         plan: ReportPlan = plan_report(
-            compiled, state, run.completed_step, step, rank, values_text, existing
+            compiled,
+            compile_run(run.spec, run.amendments),
+            state,
+            run.completed_step,
+            step,
+            rank,
+            values_text,
+            existing,
         )
         if plan.duplicate:
             decision = None
@@ -285,6 +344,8 @@ def report(
         assert inserted  # plan_report refuses a different report for an existing key
         run.step = step if run.step is None else max(run.step, step)
         run.version += 1
+        # The answer hands out the values of step + 1: they are leased like a window's.
+        run.leased_until = max(run.leased_until, step + 2)
         if plan.completes_now:
             assert plan.new_state is not None and plan.decision is not None
             state = plan.new_state
@@ -335,13 +396,18 @@ def step_status(
 
 
 def add_override(store: Store, run_id: str, change: OverrideChange) -> RunRecord:
-    """Record an operator override (audited as an ``override`` event; bumps the version)."""
+    """Record an operator override (audited as an ``override`` event; bumps the version).
+
+    Refused with :class:`TooLate` from a step a trainer may already have been handed.
+    """
     with store.transaction(run_id) as tx:
         if tx is None:
             raise RunNotFound(run_id)
         run = tx.run
-        override = make_override(compile_spec(run.spec).program, change, utcnow())
         overrides = json.loads(run.overrides)
+        schedule = compile_run(run.spec, run.amendments)
+        override = make_override(schedule, change, tx.now, n=len(overrides) + 1)
+        check_not_too_late("an override", change.from_step, run.leased_until)
         overrides.append(override)
         run.overrides = dumps(overrides)
         run.version += 1
@@ -350,9 +416,219 @@ def add_override(store: Store, run_id: str, change: OverrideChange) -> RunRecord
         return run
 
 
+def remove_override(
+    store: Store, run_id: str, n: int, from_step: int | None
+) -> tuple[RunRecord, dict[str, Any]]:
+    """Withdraw override ``n`` from ``from_step`` (default: the earliest guaranteed step);
+    an ``override_withdrawn`` event. Returns the run and the withdrawn override."""
+    with store.transaction(run_id) as tx:
+        if tx is None:
+            raise RunNotFound(run_id)
+        run = tx.run
+        overrides = json.loads(run.overrides)
+        for i, ov in enumerate(overrides):
+            ov.setdefault("n", i + 1)  # overrides stored before they were numbered
+        ov = withdraw_override(overrides, n, from_step, run.leased_until, tx.now)
+        run.overrides = dumps(overrides)
+        run.version += 1
+        tx.add_event(
+            "override_withdrawn",
+            int(ov["until_step"]),
+            {"n": n, "from_step": int(ov["until_step"]), "version": run.version},
+        )
+        tx.save()
+        return run, ov
+
+
+def add_amendment(store: Store, run_id: str, change: AmendmentChange) -> tuple[RunRecord, bool]:
+    """Amend the run's schedule from ``change.from_step`` on; ``(run, created)``.
+
+    The same change again (same step and content) is answered with the run as it is and
+    writes nothing. Otherwise refused with :class:`TooLate` from a step a trainer may already
+    have been handed, or :class:`InvalidArgument` / ``SpecError`` when it does not compile.
+    """
+    key = amendment_key(change)
+    with store.transaction(run_id) as tx:
+        if tx is None:
+            raise RunNotFound(run_id)
+        run = tx.run
+        amendments = json.loads(run.amendments)
+        if any(stored_amendment_key(a) == key for a in amendments):
+            return run, False
+        check_not_too_late("an amendment", change.from_step, run.leased_until)
+        compiled = compile_spec(run.spec)
+        state = json.loads(run.state)
+        amendment = make_amendment(
+            compiled.spec, compiled.program, amendments, state, change, tx.now
+        )
+        amendments.append(amendment)
+        run.amendments = dumps(amendments)
+        # The new parts' metric-driven nodes start fresh.
+        run.state = dumps({**compile_run(run.spec, run.amendments).initial_state(), **state})
+        run.version += 1
+        tx.add_event(
+            "amended",
+            change.from_step,
+            {
+                "n": amendment["n"],
+                "from_step": change.from_step,
+                "parts": sorted(k for k in change.parts if change.parts[k] is not None),
+                "restart": change.restart,
+                "base": change.base,
+                "note": change.note,
+                "version": run.version,
+            },
+        )
+        tx.save()
+        return run, True
+
+
+def rewind(store: Store, run_id: str, change: RewindChange) -> tuple[RunRecord, bool]:
+    """Take the run back to how it was when ``change.to_step`` completed; ``(run, rewound)``.
+
+    Reports after ``to_step`` are set aside (kept, readable, as the abandoned branch) with the
+    decisions they caused; the metric-driven state is replayed from the completed steps that
+    remain; overrides and amendments stay. A ``key`` already used answers with the run as it
+    is (``rewound`` false); the same key for another step is a :class:`RewindConflict`.
+    """
+    with store.transaction(run_id) as tx:
+        if tx is None:
+            raise RunNotFound(run_id)
+        run = tx.run
+        rewinds = json.loads(run.rewinds)
+        if change.key is not None:
+            for done in rewinds:
+                if done.get("key") != change.key:
+                    continue
+                if int(done["to_step"]) != change.to_step:
+                    raise RewindConflict(
+                        f"rewind key {change.key!r} was used for a rewind to step "
+                        f"{done['to_step']}, not {change.to_step}; use another key"
+                    )
+                return run, False
+        if run.step is None or change.to_step > run.step:
+            raise InvalidArgument(
+                ("to_step",),
+                f"the run has not reached step {change.to_step} (its highest reported step is "
+                f"{run.step}); nothing to rewind",
+            )
+        number = run.branch + 1
+        moved = tx.set_aside_after(change.to_step, number)
+        schedule = compile_run(run.spec, run.amendments)
+        state = schedule.initial_state()
+        completed: int | None = None
+        for event in tx.completed_after_rewind():
+            assert event.step is not None and event.step <= change.to_step
+            state, _ = schedule.observe(state, event.step, json.loads(event.data)["aggregate"])
+            completed = event.step
+        from_step = run.step
+        run.state = dumps(state)
+        run.completed_step = completed
+        run.step = tx.highest_report_step()
+        run.branch = number
+        # The resumed job takes values from to_step on; the abandoned branch's leases end.
+        run.leased_until = change.to_step + 1
+        run.version += 1
+        record = {
+            "n": number,
+            "key": change.key,
+            "to_step": change.to_step,
+            "from_step": from_step,
+            "note": change.note,
+            "reports_set_aside": moved,
+            "at": tx.now,
+        }
+        rewinds.append(record)
+        run.rewinds = dumps(rewinds)
+        tx.add_event(
+            "rewound",
+            change.to_step,
+            {**{k: v for k, v in record.items() if k != "at"}, "version": run.version},
+        )
+        tx.save()
+        return run, True
+
+
+def extend_lease(store: Store, run_id: str, until: int) -> RunRecord:
+    """Record that values up to ``until`` (exclusive) are being handed out (rounded up to the
+    lease grain); changes from an earlier step are refused from now on."""
+    with store.transaction(run_id) as tx:
+        if tx is None:
+            raise RunNotFound(run_id)
+        run = tx.run
+        if until > run.leased_until:
+            run.leased_until = lease_end(until)
+            tx.save_lease()
+        return run
+
+
 def delete_run(store: Store, run_id: str) -> None:
     if not store.delete_run(run_id):
         raise RunNotFound(run_id)
+
+
+# -- dry runs ----------------------------------------------------------------------------
+
+
+class _RolledBack(Exception):
+    """Ends a dry run's transaction: the store rolls back everything it wrote."""
+
+    def __init__(self, before: RunRecord, after: RunRecord) -> None:
+        super().__init__("dry run")
+        self.before = before
+        self.after = after
+
+
+class _DryRunStore:
+    """A store whose write transactions always roll back (the one method a change uses)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @contextmanager
+    def transaction(self, run_id: str) -> Iterator[RunTx | None]:
+        with self._store.transaction(run_id) as tx:
+            before = None if tx is None else dataclasses.replace(tx.run)
+            yield tx
+            if tx is not None and before is not None:
+                raise _RolledBack(before, tx.run)
+
+
+@dataclass(frozen=True)
+class OverrideWithdrawal:
+    """Withdraw override ``n`` from ``from_step`` (``None``: the earliest guaranteed step)."""
+
+    n: int
+    from_step: int | None = None
+
+
+Change = OverrideChange | OverrideWithdrawal | AmendmentChange | RewindChange
+"""The operator changes of a live run (a dry run takes any of them)."""
+
+
+def _transaction_of(change: Change) -> Callable[[Store, str], object]:
+    """The transaction that makes ``change`` (its store and run id still to give)."""
+    if isinstance(change, OverrideChange):
+        return lambda store, run_id: add_override(store, run_id, change)
+    if isinstance(change, OverrideWithdrawal):
+        return lambda store, run_id: remove_override(store, run_id, change.n, change.from_step)
+    if isinstance(change, AmendmentChange):
+        return lambda store, run_id: add_amendment(store, run_id, change)
+    return lambda store, run_id: rewind(store, run_id, change)
+
+
+def dry_run(
+    store: Store, run_id: str, change: Callable[[Store, str], object]
+) -> tuple[RunRecord, RunRecord]:
+    """``(before, after)``: the run as stored and as ``change`` (one of the transactions
+    above, its other arguments bound) would leave it. The change runs exactly as it would,
+    checks and refusals included, in a transaction that is then rolled back: nothing it wrote
+    is kept."""
+    try:
+        change(cast(Store, _DryRunStore(store)), run_id)
+    except _RolledBack as done:
+        return done.before, done.after
+    raise AssertionError("a change writes in exactly one transaction")
 
 
 def sample(
@@ -491,6 +767,72 @@ class Runs:
     async def add_override(self, run_id: str, change: OverrideChange) -> Run:
         return Run.of(await self._write(add_override, self.store, run_id, change))
 
+    async def withdraw_override(
+        self, run_id: str, n: int, from_step: int | None
+    ) -> tuple[Run, dict[str, Any]]:
+        """Withdraw override ``n`` from ``from_step`` (default: the earliest guaranteed step)."""
+        record, override = await self._write(remove_override, self.store, run_id, n, from_step)
+        return Run.of(record), override
+
+    async def amend(self, run_id: str, change: AmendmentChange) -> tuple[Run, bool]:
+        """Amend the schedule from a step on; ``(run, created)`` (idempotent)."""
+        # Compiling the amendment (and, with base "current", evaluating the step before it)
+        # may take milliseconds: always in a worker thread.
+        record, created = await to_thread.run_sync(add_amendment, self.store, run_id, change)
+        return Run.of(record), created
+
+    async def rewind(self, run_id: str, change: RewindChange) -> tuple[Run, bool]:
+        """Take the run back to a step; ``(run, rewound)`` (idempotent by key)."""
+        # Replays every completed step kept: a worker thread, however long the run.
+        record, rewound = await to_thread.run_sync(rewind, self.store, run_id, change)
+        return Run.of(record), rewound
+
+    async def dry_run(
+        self, run_id: str, change: Change, start: int, stop: int | None, points: int
+    ) -> ChangePreview:
+        """What ``change`` would make of the run, and the curve over ``[start, stop)`` before
+        and after (``stop`` as :meth:`curve`'s). Nothing is stored; a change that would be
+        refused is refused the same way (the very transaction runs, then rolls back)."""
+        if stop is not None:
+            check_span(start, stop, self.max_curve_span)
+        transaction = _transaction_of(change)
+        before, after = await to_thread.run_sync(dry_run, self.store, run_id, transaction)
+        old, new = Run.of(before), Run.of(after)
+        stop = max(1000, (old.step or 0) + 1) if stop is None else stop
+        check_span(start, stop, self.max_curve_span)
+        curves = []
+        for run in (old, new):
+            sampled = await to_thread.run_sync(sample, run.values, start, stop, points)
+            assert sampled.steps is not None
+            steps, groups = sampled.steps, sampled.groups
+            curves.append(CurveValues(run.id, run.version, start, stop, steps, groups))
+        return ChangePreview(old, new, curves[0], curves[1])
+
+    async def lease(
+        self, run_id: str, known: RunVersion, start: int, count: int
+    ) -> tuple[RunVersion, int]:
+        """Lease the values of ``[start, start + count)`` before they are handed to a trainer.
+
+        Returns the run's version as of the lease (a change committed before it is in that
+        version, and none after it can start before the window's end) and how many of the
+        steps may be served: all of them, or, while the database cannot take a new lease
+        (busy), those the lease already covers. Raises :class:`StoreBusy` when it covers none.
+        """
+        until = start + count
+        if until <= known.leased_until:
+            return known, count
+        try:
+            record = await self._write(extend_lease, self.store, run_id, until)
+        except StoreBusy:
+            if known.leased_until <= start:
+                raise StoreBusy(
+                    f"the database is busy: values from step {known.leased_until} on cannot be "
+                    "leased to a trainer right now"
+                ) from None
+            return known, known.leased_until - start
+        version = RunVersion(record.version, record.created_at, record.step, record.leased_until)
+        return version, count
+
     # -- reports ----------------------------------------------------------------------------
 
     async def report(
@@ -520,7 +862,7 @@ class Runs:
         state = result.state if run is result.run and result.state is not None else None
         groups = at_step(
             evaluate(
-                compile_spec(run.spec).program,
+                compile_run(run.spec, run.amendments),
                 json.loads(run.state) if state is None else state,
                 [] if run.overrides == "[]" else json.loads(run.overrides),
                 step + 1,
@@ -538,6 +880,7 @@ class Runs:
             groups=groups,
             duplicate=result.duplicate,
             completed_now=result.completed_now,
+            stop=report_stop(run.spec, run.state if state is None else state, step),
         )
 
     async def _wait_for_step(
@@ -622,24 +965,41 @@ class Runs:
         for r in store.reports(run_id):
             values = json.loads(r.values)
             if name in values:
-                points.append(MetricPoint(r.step, r.rank, _number(values[name])))
+                points.append(MetricPoint(r.step, r.rank, _number(values[name]), r.branch))
+        abandoned = []
+        for a in store.abandoned_reports(run_id):
+            values = json.loads(a.values)
+            if name in values:
+                abandoned.append(
+                    MetricPoint(a.step, a.rank, _number(values[name]), a.branch, a.abandoned_by)
+                )
         aggregate = []
         for e in store.events_of_type(run_id, "report_completed"):
             agg = json.loads(e.data).get("aggregate", {})
-            if name in agg and e.step is not None:
-                aggregate.append((e.step, _number(agg[name])))
-        return MetricHistory(run_id, name, points, aggregate)
+            if name in agg and e.step is not None and not e.abandoned_by:
+                aggregate.append((e.step, _number(agg[name]), e.branch))
+        return MetricHistory(run_id, name, points, aggregate, abandoned)
 
     async def events(self, run_id: str, after: int, limit: int) -> list[Event]:
         """The run's events with ``seq > after``, oldest first, at most ``limit``."""
         if await self._read(self.store.run_version, run_id) is None:
             raise RunNotFound(run_id)
         rows = await self._read(self.store.events, run_id, after, limit)
-        return [Event(e.seq, e.type, e.step, e.at, json.loads(e.data)) for e in rows]
+        return [
+            Event(e.seq, e.type, e.step, e.at, json.loads(e.data), e.branch, e.abandoned_by)
+            for e in rows
+        ]
+
+    # -- range test -------------------------------------------------------------------------
+
+    async def range_test(self, run_id: str) -> RangeTestCurveValues:
+        """The run's LR range-test curve, stop step and suggestions (``NotARangeTest`` for a run
+        without an ``LRRangeTest`` node). Replays up to ``num_iter`` events: off the loop."""
+        return await to_thread.run_sync(range_test_curve, self.store, run_id)
 
 
 def _series(run: Run) -> int:
-    return sum(len(fields) for fields in run.program.fields.values())
+    return sum(len(fields) for fields in run.schedule.fields.values())
 
 
 def _number(value: Any) -> float | None:
@@ -648,10 +1008,13 @@ def _number(value: Any) -> float | None:
 
 __all__ = [
     "BLOCK",
+    "Change",
+    "ChangePreview",
     "CurveValues",
     "Event",
     "MetricHistory",
     "MetricPoint",
+    "OverrideWithdrawal",
     "ReportOutcome",
     "Run",
     "RunVersion",
@@ -659,10 +1022,15 @@ __all__ = [
     "Sampled",
     "StepValues",
     "Window",
+    "add_amendment",
     "add_override",
     "create_run",
     "delete_run",
+    "dry_run",
+    "extend_lease",
     "preview",
+    "remove_override",
     "report",
+    "rewind",
     "step_status",
 ]

@@ -315,6 +315,11 @@ class Program:
 
     # -- state ------------------------------------------------------------------------------
 
+    @property
+    def metric_nodes(self) -> tuple[MetricCurve, ...]:
+        """Every metric-driven node, in the order they observe (read-only view)."""
+        return tuple(self._metric_nodes)
+
     def initial_state(self) -> ProgramState:
         """Every metric-driven node's state before any report, keyed by node path."""
         return {node.path: node.initial_state() for node in self._metric_nodes}

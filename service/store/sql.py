@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 from service.runs.repository import (
+    AbandonedReportRow,
     EventRow,
     ReportRow,
     RunRecord,
@@ -22,8 +23,10 @@ from service.runs.repository import (
 )
 
 RUN_COLUMNS = (
-    "id, spec, state, overrides, version, step, completed_step, event_seq, created_at, updated_at"
+    "id, spec, state, overrides, version, step, completed_step, event_seq, created_at, "
+    "updated_at, amendments, rewinds, leased_until, branch"
 )
+EVENT_COLUMNS = "seq, type, step, at, data, branch, abandoned_by"
 
 
 def migration_scripts(dialect: str) -> list[tuple[int, list[str]]]:
@@ -54,6 +57,23 @@ def record_of(row: Any) -> RunRecord:
         event_seq=int(row[7]),
         created_at=row[8],
         updated_at=row[9],
+        amendments=row[10],
+        rewinds=row[11],
+        leased_until=int(row[12]),
+        branch=int(row[13]),
+    )
+
+
+def event_of(row: Any) -> EventRow:
+    """The :class:`EventRow` of a row selected as ``EVENT_COLUMNS``."""
+    return EventRow(
+        int(row[0]),
+        row[1],
+        None if row[2] is None else int(row[2]),
+        row[3],
+        row[4],
+        int(row[5]),
+        int(row[6]),
     )
 
 
@@ -70,36 +90,95 @@ class SqlTx:
     def reports_at(self, step: int) -> list[ReportRow]:
         rows = self._conn.execute(
             self._store.q(
-                'SELECT step, rank, "values", received_at FROM reports '
+                'SELECT step, rank, "values", received_at, branch FROM reports '
                 "WHERE run_id = ? AND step = ? ORDER BY rank"
             ),
             (self.run.id, step),
         ).fetchall()
-        return [ReportRow(int(r[0]), int(r[1]), r[2], r[3]) for r in rows]
+        return [ReportRow(int(r[0]), int(r[1]), r[2], r[3], int(r[4])) for r in rows]
 
     def insert_report(self, report: ReportRow) -> None:
         self._conn.execute(
             self._store.q(
-                'INSERT INTO reports (run_id, step, rank, "values", received_at) '
-                "VALUES (?, ?, ?, ?, ?)"
+                'INSERT INTO reports (run_id, step, rank, "values", received_at, branch) '
+                "VALUES (?, ?, ?, ?, ?, ?)"
             ),
-            (self.run.id, report.step, report.rank, report.values, report.received_at),
+            (
+                self.run.id,
+                report.step,
+                report.rank,
+                report.values,
+                report.received_at,
+                report.branch,
+            ),
         )
 
     def insert_report_if_absent(self, report: ReportRow) -> bool:
         cur = self._conn.execute(
             self._store.q(
-                'INSERT INTO reports (run_id, step, rank, "values", received_at) '
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                'INSERT INTO reports (run_id, step, rank, "values", received_at, branch) '
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
             ),
-            (self.run.id, report.step, report.rank, report.values, report.received_at),
+            (
+                self.run.id,
+                report.step,
+                report.rank,
+                report.values,
+                report.received_at,
+                report.branch,
+            ),
         )
         return bool(cur.rowcount)
+
+    def save_lease(self) -> None:
+        self._conn.execute(
+            self._store.q("UPDATE runs SET leased_until = ? WHERE id = ?"),
+            (self.run.leased_until, self.run.id),
+        )
+
+    def set_aside_after(self, step: int, rewind: int) -> int:
+        q, run_id = self._store.q, self.run.id
+        self._conn.execute(
+            q(
+                "INSERT INTO abandoned_reports "
+                '(run_id, branch, step, rank, "values", received_at, abandoned_by) '
+                'SELECT run_id, branch, step, rank, "values", received_at, ? FROM reports '
+                "WHERE run_id = ? AND step > ?"
+            ),
+            (rewind, run_id, step),
+        )
+        cur = self._conn.execute(
+            q("DELETE FROM reports WHERE run_id = ? AND step > ?"), (run_id, step)
+        )
+        self._conn.execute(
+            q(
+                "UPDATE events SET abandoned_by = ? WHERE run_id = ? AND abandoned_by = 0 "
+                "AND type IN ('report_completed', 'reduced') AND step > ?"
+            ),
+            (rewind, run_id, step),
+        )
+        return int(cur.rowcount)
+
+    def completed_after_rewind(self) -> list[EventRow]:
+        rows = self._conn.execute(
+            self._store.q(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? AND "
+                "type = 'report_completed' AND abandoned_by = 0 ORDER BY step, seq"
+            ),
+            (self.run.id,),
+        ).fetchall()
+        return [event_of(r) for r in rows]
+
+    def highest_report_step(self) -> int | None:
+        row = self._conn.execute(
+            self._store.q("SELECT MAX(step) FROM reports WHERE run_id = ?"), (self.run.id,)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def add_event(self, type: str, step: int | None, data: dict[str, Any]) -> int:
         self.run.event_seq += 1
         self._store.insert_event(
-            self._conn, self.run.id, self.run.event_seq, type, step, data, self.now
+            self._conn, self.run.id, self.run.event_seq, type, step, data, self.now, self.run.branch
         )
         return self.run.event_seq
 
@@ -112,7 +191,8 @@ class SqlTx:
         self._conn.execute(
             self._store.q(
                 "UPDATE runs SET state = ?, overrides = ?, version = ?, step = ?, "
-                "completed_step = ?, event_seq = ?, updated_at = ? WHERE id = ?"
+                "completed_step = ?, event_seq = ?, updated_at = ?, amendments = ?, "
+                "rewinds = ?, leased_until = ?, branch = ? WHERE id = ?"
             ),
             (
                 run.state,
@@ -122,6 +202,10 @@ class SqlTx:
                 run.completed_step,
                 run.event_seq,
                 run.updated_at,
+                run.amendments,
+                run.rewinds,
+                run.leased_until,
+                run.branch,
                 run.id,
             ),
         )
@@ -188,12 +272,14 @@ class SqlStore(ABC):
         step: int | None,
         data: dict[str, Any],
         at: str | None = None,
+        branch: int = 0,
     ) -> None:
         conn.execute(
             self.q(
-                "INSERT INTO events (run_id, seq, type, step, at, data) VALUES (?, ?, ?, ?, ?, ?)"
+                "INSERT INTO events (run_id, seq, type, step, at, data, branch) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)"
             ),
-            (run_id, seq, type, step, utcnow() if at is None else at, dumps(data)),
+            (run_id, seq, type, step, utcnow() if at is None else at, dumps(data), branch),
         )
 
     @abstractmethod
@@ -220,14 +306,15 @@ class SqlStore(ABC):
             ).fetchone()
         return None if row is None else record_of(row)
 
-    def run_version(self, run_id: str) -> tuple[int, str, int | None] | None:
+    def run_version(self, run_id: str) -> tuple[int, str, int | None, int] | None:
         with self.errors(), self.read_conn() as conn:
             row = conn.execute(
-                self.q("SELECT version, created_at, step FROM runs WHERE id = ?"), (run_id,)
+                self.q("SELECT version, created_at, step, leased_until FROM runs WHERE id = ?"),
+                (run_id,),
             ).fetchone()
         if row is None:
             return None
-        return int(row[0]), row[1], None if row[2] is None else int(row[2])
+        return int(row[0]), row[1], None if row[2] is None else int(row[2]), int(row[3])
 
     def completed_step(self, run_id: str) -> tuple[bool, int | None]:
         with self.errors(), self.read_conn() as conn:
@@ -267,6 +354,7 @@ class SqlStore(ABC):
                 return False
             # Children first: nothing relies on the driver enforcing ON DELETE CASCADE.
             conn.execute(self.q("DELETE FROM reports WHERE run_id = ?"), (run_id,))
+            conn.execute(self.q("DELETE FROM abandoned_reports WHERE run_id = ?"), (run_id,))
             conn.execute(self.q("DELETE FROM events WHERE run_id = ?"), (run_id,))
             cur = conn.execute(self.q("DELETE FROM runs WHERE id = ?"), (run_id,))
             return bool(cur.rowcount)
@@ -287,27 +375,22 @@ class SqlStore(ABC):
         with self.errors(), self.read_conn() as conn:
             rows = conn.execute(
                 self.q(
-                    "SELECT seq, type, step, at, data FROM events WHERE run_id = ? AND seq > ? "
+                    f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? AND seq > ? "
                     "ORDER BY seq LIMIT ?"
                 ),
                 (run_id, after, limit),
             ).fetchall()
-        return [
-            EventRow(int(r[0]), r[1], None if r[2] is None else int(r[2]), r[3], r[4]) for r in rows
-        ]
+        return [event_of(r) for r in rows]
 
     def events_of_type(self, run_id: str, type: str) -> list[EventRow]:
         with self.errors(), self.read_conn() as conn:
             rows = conn.execute(
                 self.q(
-                    "SELECT seq, type, step, at, data FROM events WHERE run_id = ? AND type = ? "
-                    "ORDER BY seq"
+                    f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? AND type = ? ORDER BY seq"
                 ),
                 (run_id, type),
             ).fetchall()
-        return [
-            EventRow(int(r[0]), r[1], None if r[2] is None else int(r[2]), r[3], r[4]) for r in rows
-        ]
+        return [event_of(r) for r in rows]
 
     def event_at(self, run_id: str, type: str, step: int) -> EventRow | None:
         with self.errors(), self.read_conn() as conn:
@@ -317,16 +400,12 @@ class SqlStore(ABC):
         """:meth:`event_at` on a given connection (a transaction's own)."""
         row = conn.execute(
             self.q(
-                "SELECT seq, type, step, at, data FROM events WHERE run_id = ? AND type = ? "
-                "AND step = ? ORDER BY seq DESC LIMIT 1"
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? AND type = ? "
+                "AND step = ? AND abandoned_by = 0 ORDER BY seq DESC LIMIT 1"
             ),
             (run_id, type, step),
         ).fetchone()
-        if row is None:
-            return None
-        return EventRow(
-            int(row[0]), row[1], None if row[2] is None else int(row[2]), row[3], row[4]
-        )
+        return None if row is None else event_of(row)
 
     def count_reports(self, run_id: str, step: int) -> int:
         with self.errors(), self.read_conn() as conn:
@@ -339,9 +418,22 @@ class SqlStore(ABC):
         with self.errors(), self.read_conn() as conn:
             rows = conn.execute(
                 self.q(
-                    'SELECT step, rank, "values", received_at FROM reports WHERE run_id = ? '
-                    "ORDER BY step, rank"
+                    'SELECT step, rank, "values", received_at, branch FROM reports '
+                    "WHERE run_id = ? ORDER BY step, rank"
                 ),
                 (run_id,),
             ).fetchall()
-        return [ReportRow(int(r[0]), int(r[1]), r[2], r[3]) for r in rows]
+        return [ReportRow(int(r[0]), int(r[1]), r[2], r[3], int(r[4])) for r in rows]
+
+    def abandoned_reports(self, run_id: str) -> list[AbandonedReportRow]:
+        with self.errors(), self.read_conn() as conn:
+            rows = conn.execute(
+                self.q(
+                    'SELECT step, rank, "values", received_at, branch, abandoned_by '
+                    "FROM abandoned_reports WHERE run_id = ? ORDER BY abandoned_by, step, rank"
+                ),
+                (run_id,),
+            ).fetchall()
+        return [
+            AbandonedReportRow(int(r[0]), int(r[1]), r[2], r[3], int(r[4]), int(r[5])) for r in rows
+        ]

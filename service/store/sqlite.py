@@ -185,14 +185,14 @@ class SqliteStore(SqlStore):
         return _Transaction(self, run_id)
 
     # The point reads of the hot paths, without the generic context managers (see above).
-    def run_version(self, run_id: str) -> tuple[int, str, int | None] | None:
+    def run_version(self, run_id: str) -> tuple[int, str, int | None, int] | None:
         try:
             row = self._connection().execute(_RUN_VERSION, (run_id,)).fetchone()
         except sqlite3.DatabaseError as exc:
             raise self._translate(exc) from exc
         if row is None:
             return None
-        return int(row[0]), row[1], None if row[2] is None else int(row[2])
+        return int(row[0]), row[1], None if row[2] is None else int(row[2]), int(row[3])
 
     def completed_step(self, run_id: str) -> tuple[bool, int | None]:
         try:
@@ -258,7 +258,7 @@ class SqliteStore(SqlStore):
                 conn.close()
 
 
-_RUN_VERSION = "SELECT version, created_at, step FROM runs WHERE id = ?"
+_RUN_VERSION = "SELECT version, created_at, step, leased_until FROM runs WHERE id = ?"
 _COMPLETED_STEP = "SELECT completed_step FROM runs WHERE id = ?"
 _LOCK_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"
 

@@ -106,6 +106,14 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "patience": 3,
         "factor": 0.5,
     },
+    # the range test (standalone only: it refuses every composition)
+    "LRRangeTest": {
+        "type": "LRRangeTest",
+        "start_lr": 1e-5,
+        "end_lr": [1.0, 0.1, 2.0],
+        "num_iter": 50,
+        "metric": METRIC,
+    },
     # composites (simple children: their own contracts are what is under test)
     "SequentialLR": {
         "type": "SequentialLR",
@@ -428,6 +436,8 @@ def refusal(variant: str, kind: str) -> str | None:
     """Why the engine refuses ``kind`` in ``variant`` (a SpecError is asserted), or None."""
     if variant == "epochs" and is_metric(kind):
         return "metric-driven nodes react to reports at steps: refused inside Epochs"
+    if kind == "LRRangeTest" and variant != "standalone":
+        return "a range test is a run's whole schedule (or a group's): refused in compositions"
     return None
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import lrserve
 import pytest
+import torch
 from lrserve.cli import main
 from torch.optim import lr_scheduler
 
@@ -192,3 +193,65 @@ def test_console_entry_point_and_serve_help() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "--database" in proc.stdout and "--port" in proc.stdout
+
+
+def test_steering_commands_rewind_override_amend_withdraw(
+    capsys: pytest.CaptureFixture[str], live_server: ServerProcess, tmp_path: Path
+) -> None:
+    """The OPT-style restart: rewind to the checkpoint, lower the rate by 10%, later cool down."""
+    spec = {
+        "groups": [{"name": "g", "lr": 0.1}],
+        "schedule": {"type": "CosineAnnealingLR", "T_max": 1000},
+    }
+    spec_file = tmp_path / "run.json"
+    spec_file.write_text(json.dumps(spec))
+    cli_json(capsys, live_server, "create", "opt", str(spec_file))
+    for step in range(40):
+        assert cli(capsys, live_server, "report", "opt", "--step", str(step), "loss=1")[0] == 0
+    code, out, _ = cli(
+        capsys, live_server, "rewind", "opt", "--to-step", "20", "--note", "spike at 31"
+    )
+    assert code == 0, out
+    assert "from step 39 to step 20" in out and "19 report(s)" in out and "branch 1" in out
+    code, out, _ = cli(
+        capsys, live_server, "override", "opt", "--from-step", "21", "--scale", "0.9"
+    )
+    assert code == 0 and "from step 21" in out
+    # Too late: a trainer took a window; the error names the earliest step.
+    with lrserve.Client(live_server.url) as client:
+        client.get_lr_window("opt", 21, 100)
+        earliest = client.get_run("opt")["leased_until"] + 64  # (one lease grain of headroom)
+    cooldown = tmp_path / "cooldown.json"
+    cooldown.write_text(json.dumps({"type": "LinearLR", "start_factor": 1.0, "end_factor": 0.0,
+                                    "total_iters": 100}))  # fmt: skip
+    code, _, err = cli(capsys, live_server, "amend", "opt", str(cooldown), "--from-step", "50")
+    assert code == 1 and "too late" in err and str(earliest) in err
+    code, out, _ = cli(
+        capsys, live_server, "amend", "opt", str(cooldown), "--from-step", str(earliest),
+        "--restart", "--base", "current", "--note", "cooldown",
+    )  # fmt: skip
+    assert code == 0 and f"amended: opt from step {earliest}" in out and "LinearLR" in out
+    code, out, _ = cli(
+        capsys, live_server, "override", "opt", "--withdraw", "1", "--from-step", str(earliest)
+    )
+    assert code == 0 and "withdrew override 1" in out and f"from step {earliest}" in out
+    code, out, _ = cli(capsys, live_server, "show", "opt")
+    assert "amendments" in out and "rewinds" in out and "spike at 31" in out
+    # The record against torch: cosine, x0.9 on [21, earliest), then the cooldown from the
+    # value in force at earliest - 1 (overrides stay on top: withdrawn there).
+    values = cli_json(capsys, live_server, "lr", "opt", "--start", "0", "--count",
+                      str(earliest + 101))["groups"]["g"]["lr"]  # fmt: skip
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched: Any = lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+    want = []
+    for s in range(earliest + 101):
+        if s == earliest:
+            del opt.param_groups[0]["initial_lr"]
+            sched = lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=100)
+        lr = opt.param_groups[0]["lr"]
+        want.append(lr * (0.9 if 21 <= s < earliest else 1.0))
+        opt.step()
+        if s + 1 != earliest:
+            sched.step()
+    for s in range(earliest + 101):
+        assert values[s] == pytest.approx(want[s], rel=1e-12, abs=1e-18), s

@@ -183,7 +183,9 @@ def test_override(live_server: ServerProcess) -> None:
         run = client.override("ovr", 10, "scale", 0.5, groups=["head"], note="too hot")
         assert run["version"] > before and run["overrides"][-1]["note"] == "too hot"
         for step in (9, 10, 15):
-            lr = client.get_lr("ovr", step=step)["groups"]
+            # Inspection reads: a trainer's read would lease the steps and refuse the next
+            # override as too late.
+            lr = client.get_lr("ovr", step=step, lease=False)["groups"]
             factor = 0.5 if step >= 10 else 1.0
             assert lr["head"]["lr"] == pytest.approx(expected[step][1] * factor, rel=1e-12)
             assert lr["backbone"]["lr"] == pytest.approx(expected[step][0], rel=1e-12)
@@ -266,14 +268,32 @@ async def test_async_client_every_method(live_server: ServerProcess) -> None:
         report = await client.report("a1", 0, {"loss": 2.0})
         assert report["complete"]
         assert (await client.get_metrics("a1", "loss"))["points"][0]["value"] == 2.0
-        ovr = await client.override("a1", 5, "set", 0.05, groups=["head"])
-        assert ovr["overrides"]
-        assert (await client.get_lr("a1", step=6))["groups"]["head"]["lr"] == 0.05
+        with pytest.raises(lrserve.TooLateError) as late:  # the windows above leased step 5
+            await client.override("a1", 5, "set", 0.05, groups=["head"])
+        first = late.value.earliest_step
+        assert first is not None and first > 12
+        ovr = await client.override("a1", first, "set", 0.05, groups=["head"])
+        assert ovr["overrides"] and ovr["leased_until"] == first
+        assert (await client.get_lr("a1", step=first))["groups"]["head"]["lr"] == 0.05
+        amended, created = await client.amend(
+            "a1", first + 300, {"type": "ConstantLR", "factor": 0.5}, restart=True
+        )
+        assert created and amended["amendments"][0]["from_step"] == first + 300
+        assert not (await client.amend("a1", first + 300, {"type": "ConstantLR", "factor": 0.5},
+                                       restart=True)).created  # fmt: skip
+        withdrawn = await client.withdraw_override("a1", 1)
+        assert withdrawn["overrides"][0]["until_step"] == withdrawn["leased_until"]
         types = [e["type"] for e in (await client.get_events("a1"))["events"]]
-        assert types[0] == "created" and "override" in types
+        assert types[0] == "created" and "override" in types and "amended" in types
         assert (await client.report("a1", 1, {"loss": 2.0}))["complete"]
         with pytest.raises(lrserve.ConflictError):
             await client.report("a1", 0, {"loss": 3.0})
+        rewound = await client.rewind("a1", 0, key="k", note="from the top")
+        assert rewound["branch"] == 1 and rewound["completed_step"] == 0
+        assert (await client.rewind("a1", 0, key="k"))["version"] == rewound["version"]
+        with pytest.raises(lrserve.RewindConflictError):
+            await client.rewind("a1", 1, key="k")
+        assert (await client.report("a1", 1, {"loss": 3.0}))["complete"]  # a new branch
         await client.delete_run("a1")
         with pytest.raises(lrserve.RunNotFoundError):
             await client.get_run("a1")

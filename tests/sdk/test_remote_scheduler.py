@@ -120,17 +120,23 @@ def test_override_arrives_through_etag_revalidation(live_server: Any) -> None:
     opt = sgd()
     spec = {"schedule": {"type": "ConstantLR", "factor": 1.0, "total_iters": 0}}
     with RemoteScheduler(
-        opt, "override", url=live_server.url, spec=spec, poll_interval=0.05
+        opt, "override", url=live_server.url, spec=spec, poll_interval=0.05, window=64
     ) as sched:
         version = sched.version
         with lrserve.Client(live_server.url) as client:
-            client.override("override", from_step=50, action="scale", value=0.5)
+            # Step 50 is in the window the scheduler holds: refused, with the first step
+            # every trainer is guaranteed to apply it from (with some headroom).
+            with pytest.raises(lrserve.TooLateError) as late:
+                client.override("override", from_step=50, action="scale", value=0.5)
+            first = late.value.earliest_step
+            assert first is not None and first >= 64
+            client.override("override", from_step=first, action="scale", value=0.5)
         for _ in range(200):
             if sched.version != version:
                 break
             threading.Event().wait(0.05)
         assert sched.version is not None and version is not None and sched.version > version
-        for _ in range(49):
+        for _ in range(first - 1):
             sched.step()
         assert sched.get_last_lr() == [0.1, 0.01]
         sched.step()

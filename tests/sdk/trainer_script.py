@@ -4,8 +4,11 @@
 
 CONFIG keys: url, run, spec (or null to attach), steps (end step), report_every,
 load (checkpoint path or null), save (path or null), out (json path for the values seen),
-world_size (>1: spawn that many gloo processes), chief (bool), window, sync_every.
-The metric each rank reports at step s is ``loss(s, rank)``, known to the test too.
+world_size (>1: spawn that many gloo processes), chief (bool), window, sync_every,
+spike_from (losses from that step on are 10 higher: a divergence), step_sleep (seconds per
+step, so that a test can steer the run while it trains), rewind (RemoteScheduler's).
+The metric each rank reports at step s is ``loss(s, rank)``, known to the test too. The
+warnings a rank saw are written next to ``out`` (``<out>.warnings.json``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 import os
 import socket
 import sys
+import time
+import warnings
 from typing import Any
 
 import torch
@@ -43,6 +48,15 @@ def hyper(opt: torch.optim.Optimizer) -> list[list[float]]:
 
 
 def train(rank: int, cfg: dict[str, Any]) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(rank, cfg)
+    out = cfg["out"].replace("{rank}", str(rank)) + ".warnings.json"
+    with open(out, "w") as f:
+        json.dump([f"{w.category.__name__}: {w.message}" for w in caught], f)
+
+
+def _train(rank: int, cfg: dict[str, Any]) -> None:
     from lrserve.torch import RemoteScheduler
 
     world = int(cfg.get("world_size", 1))
@@ -59,6 +73,7 @@ def train(rank: int, cfg: dict[str, Any]) -> None:
             window=int(cfg.get("window", 4096)),
             sync_every=int(cfg.get("sync_every", 256)),
             poll_interval=0.05,
+            rewind=bool(cfg.get("rewind", True)),
         )
     except Exception as exc:
         if not cfg.get("expect_attach_error"):
@@ -86,9 +101,12 @@ def train(rank: int, cfg: dict[str, Any]) -> None:
         opt.step()
         opt.zero_grad()
         if s > 0 and s % cfg["report_every"] == 0:
-            res = sched.report({"val_loss": loss(s, rank)})
+            value = loss(s, rank) + (10.0 if s >= cfg.get("spike_from", 1 << 60) else 0.0)
+            res = sched.report({"val_loss": value})
             assert res is not None, "the service is up: report must be answered"
         sched.step()
+        if cfg.get("step_sleep"):
+            time.sleep(float(cfg["step_sleep"]))
     seen[sched.last_epoch] = hyper(opt)
     if cfg.get("save") and rank == 0:
         torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, cfg["save"])

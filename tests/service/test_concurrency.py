@@ -169,5 +169,5 @@ def test_concurrent_duplicate_reports_on_postgres(
     with server.client() as c:
         history = c.get(f"/v1/runs/{run_id}/metrics", params={"name": "loss"}).json()
         run = c.get(f"/v1/runs/{run_id}").json()
-    assert history["points"] == [{"step": 10, "rank": 0, "value": 1.0}]
+    assert history["points"] == [{"step": 10, "rank": 0, "value": 1.0, "branch": 0}]
     assert run["version"] == expected["version"]

@@ -626,7 +626,7 @@ def snapshot(client: httpx.Client, run: str = VICTIM) -> dict[str, Any]:
         ("run", f"/v1/runs/{run}", {}),
         ("events", f"/v1/runs/{run}/events", {}),
         ("history", f"/v1/runs/{run}/metrics", {"name": "val_loss"}),
-        ("window", f"/v1/runs/{run}/lr", {"start": 0, "count": 300}),
+        ("window", f"/v1/runs/{run}/lr", {"start": 0, "count": 300, "lease": "false"}),
         ("list", "/v1/runs", {"limit": 1000}),
     ):
         r = client.get(path, params=params)

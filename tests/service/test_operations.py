@@ -102,6 +102,8 @@ def test_busy_sqlite_is_503(server_factory: Callable[..., ServerProcess], tmp_pa
     rid = new_id()
     with srv.client() as c:
         assert c.put(f"/v1/runs/{rid}", json=plateau_spec()).status_code == 201
+        lease = c.get(f"/v1/runs/{rid}/lr", params={"start": 0, "count": 10})
+        leased = c.get(f"/v1/runs/{rid}").json()["leased_until"]
         blocker = sqlite3.connect(db, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
         try:
@@ -109,8 +111,19 @@ def test_busy_sqlite_is_503(server_factory: Callable[..., ServerProcess], tmp_pa
             body = problem(r, 503, "database-busy")
             assert r.headers["retry-after"].isdigit() and "locked" in body["detail"]
             problem(c.put(f"/v1/runs/{new_id()}", json=COSINE_SPEC), 503, "database-busy")
-            # Readers are not blocked by a writer in WAL mode.
-            assert c.get(f"/v1/runs/{rid}/lr").status_code == 200
+            # Readers are not blocked by a writer in WAL mode: leased values are served (a
+            # longer window is cut at the lease), values that need a new lease wait.
+            assert (
+                c.get(f"/v1/runs/{rid}/lr").json()
+                == c.get(f"/v1/runs/{rid}/lr", params={"step": 0}).json()
+            )
+            longer = c.get(f"/v1/runs/{rid}/lr", params={"start": 5, "count": leased + 100})
+            assert longer.status_code == 200 and longer.json()["count"] == leased - 5
+            assert longer.json()["groups"]["g0"]["lr"][:5] == lease.json()["groups"]["g0"]["lr"][5:]
+            beyond = c.get(f"/v1/runs/{rid}/lr", params={"start": leased, "count": 10})
+            assert "leased" in problem(beyond, 503, "database-busy")["detail"]
+            inspect = c.get(f"/v1/runs/{rid}/lr", params={"start": leased, "lease": "false"})
+            assert inspect.status_code == 200
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
@@ -128,12 +141,16 @@ def test_busy_postgres_is_503(
     rid = new_id()
     with srv.client() as c:
         assert c.put(f"/v1/runs/{rid}", json=plateau_spec()).status_code == 201
+        assert c.get(f"/v1/runs/{rid}/lr", params={"start": 0, "count": 10}).status_code == 200
+        leased = c.get(f"/v1/runs/{rid}").json()["leased_until"]
         with psycopg.connect(postgres_url) as blocker:
             blocker.execute("SELECT id FROM runs WHERE id = %s FOR UPDATE", (rid,))
             r = c.post(f"/v1/runs/{rid}/metrics", json={"step": 0, "values": {"val_loss": 1.0}})
             problem(r, 503, "database-busy")
             assert r.headers["retry-after"].isdigit()
             assert c.get(f"/v1/runs/{rid}/lr").status_code == 200  # readers do not wait
+            beyond = c.get(f"/v1/runs/{rid}/lr", params={"start": leased, "count": 10})
+            problem(beyond, 503, "database-busy")  # a new lease needs the row
             blocker.rollback()
         r = c.post(f"/v1/runs/{rid}/metrics", json={"step": 0, "values": {"val_loss": 1.0}})
         assert r.status_code == 200 and r.json()["version"] == 2
@@ -146,8 +163,9 @@ def test_state_survives_restart(server_factory: Callable[..., ServerProcess], db
         c.put(f"/v1/runs/{rid}", json=plateau_spec(patience=0))
         for step, loss in enumerate([1.0, 2.0, 3.0]):
             c.post(f"/v1/runs/{rid}/metrics", json={"step": step, "values": {"val_loss": loss}})
-        before = c.get(f"/v1/runs/{rid}").json()
         window = c.get(f"/v1/runs/{rid}/lr", params={"start": 0, "count": 10}).json()
+        before = c.get(f"/v1/runs/{rid}").json()
+        assert before["leased_until"] >= 10
     srv.kill()
     again = server_factory(database=db_url)
     with again.client() as c:

@@ -66,8 +66,29 @@ def test_answers_match_their_response_models(live_server: ServerProcess) -> None
         assert not_modified.status_code == 304 and not_modified.content == b""
         history = c.get(f"/v1/runs/{rid}/metrics", params={"name": "val_loss"})
         body = _check(schemas.MetricHistoryOut, history)
-        assert body["aggregate"] == [{"step": 5, "value": "NaN"}]
-        _check(schemas.EventsOut, c.get(f"/v1/runs/{rid}/events"))
+        assert body["aggregate"] == [{"step": 5, "value": "NaN", "branch": 0}]
+        # Steering: an amendment, an override withdrawn, a rewind; then the history of both
+        # branches and the events that say which is which.
+        amend = {"from_step": 900, "schedule": {"type": "ConstantLR", "factor": 0.5}}
+        run = _check(schemas.RunOut, c.post(f"/v1/runs/{rid}/amendments", json=amend), 201)
+        assert run["amendments"][0]["n"] == 1
+        _check(schemas.RunOut, c.post(f"/v1/runs/{rid}/amendments", json=amend), 200)
+        run = _check(schemas.RunOut, c.delete(f"/v1/runs/{rid}/overrides/1"))
+        assert run["overrides"][0]["until_step"] == run["leased_until"]
+        too_late = c.post(f"/v1/runs/{rid}/overrides", json={**override, "from_step": 0})
+        _problem(too_late, 409)
+        assert too_late.json()["earliest_step"] > run["leased_until"]
+        for rank in (0, 1):
+            report = {"step": 6, "rank": rank, "values": {"val_loss": 0.5}}
+            _check(schemas.ReportOut, c.post(f"/v1/runs/{rid}/metrics", json=report))
+        rewound = c.post(f"/v1/runs/{rid}/rewind", json={"to_step": 5, "key": "k1"})
+        run = _check(schemas.RunOut, rewound)
+        assert run["branch"] == 1 and run["rewinds"][0]["reports_set_aside"] == 2
+        history = c.get(f"/v1/runs/{rid}/metrics", params={"name": "val_loss"})
+        body = _check(schemas.MetricHistoryOut, history)
+        assert [p["step"] for p in body["abandoned"]] == [6, 6]
+        events = _check(schemas.EventsOut, c.get(f"/v1/runs/{rid}/events"))
+        assert [e["type"] for e in events["events"] if e["abandoned_by"]] == ["report_completed"]
         _check(schemas.CurveOut, c.get(f"/v1/runs/{rid}/curve", params={"points": 50}))
         schedule = {k: SPEC[k] for k in ("groups", "schedule", "group_schedules")}
         _check(schemas.PreviewOut, c.post("/v1/schedules/preview", json={**schedule, "count": 5}))

@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1", tags=["inspection"])
 
 @router.get(
     "/runs/{run_id}/events",
-    summary="The run's events in order (created, reduced, ...)",
+    summary="The run's events in order (created, reduced, override, amended, rewound, ...)",
     response_model=EventsOut,
     responses=problems(401, 404, 422, 503),
 )
@@ -33,7 +33,15 @@ async def get_events(
         {
             "run": run_id,
             "events": [
-                {"seq": e.seq, "type": e.type, "step": e.step, "at": e.at, "data": e.data}
+                {
+                    "seq": e.seq,
+                    "type": e.type,
+                    "step": e.step,
+                    "at": e.at,
+                    "data": e.data,
+                    "branch": e.branch,
+                    "abandoned_by": e.abandoned_by,
+                }
                 for e in events
             ],
         }

@@ -67,10 +67,18 @@ _OPENAPI = {
             {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW},
         ),
         param_doc(
+            "lease",
+            "query",
+            "false: an inspection read, not a trainer's; the values are not leased, so a "
+            "change may still start inside them (default true)",
+            {"type": "boolean", "default": True},
+        ),
+        param_doc(
             "If-None-Match", "header", 'an ETag ("<version>") seen before', {"type": "string"}
         ),
     ]
 }
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
 @hot
@@ -93,14 +101,25 @@ async def get_lr(request: Request) -> Response:
         raise validation_error(["query", "start"], "count needs start")
     if start is not None and start + (count or 1) > MAX_STEP:
         raise validation_error(["query", "count"], f"start + count must be at most {MAX_STEP}")
+    lease = query.get("lease")
+    if lease is not None and lease.lower() not in _BOOLEANS:
+        raise validation_error(["query", "lease"], "must be true or false")
     runs = await get_runs(request)
     # One cheap indexed read decides everything: (version, created_at) identifies the run's
     # content, so values computed for the same key are exact (runs' cache saves recomputing).
     current = await runs.version(run_id)
     if etag_matches(request.headers.get("if-none-match"), current.version):
+        # The trainer keeps the values it has: nothing new is handed out, nothing leased.
         return Response(status_code=304, headers={"ETag": etag(current.version)})
+    at = step if step is not None else (current.step or 0)
+    if lease is None or _BOOLEANS[lease.lower()]:
+        # Leased before they are computed: a change committed before the lease is in the
+        # version it returns; none after it can start before the window's end.
+        first = at if start is None else start
+        current, count = await runs.lease(
+            run_id, current, first, 1 if start is None else count or 1
+        )
     if start is None:
-        at = step if step is not None else (current.step or 0)
         one = await runs.values_at(run_id, at, current)
         version = one.version
         body = json_bytes({"run": run_id, "step": at, "version": version, "groups": one.groups})

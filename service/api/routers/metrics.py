@@ -72,6 +72,7 @@ async def post_metrics(request: Request) -> Response:
             "decision": outcome.decision,
             "applies_from": outcome.step + 1,
             "groups": outcome.groups,
+            "stop": outcome.stop,
         }
     )
 
@@ -92,7 +93,20 @@ async def get_metrics(
         {
             "run": run_id,
             "name": name,
-            "points": [{"step": p.step, "rank": p.rank, "value": p.value} for p in history.points],
-            "aggregate": [{"step": s, "value": v} for s, v in history.aggregate],
+            "points": [
+                {"step": p.step, "rank": p.rank, "value": p.value, "branch": p.branch}
+                for p in history.points
+            ],
+            "aggregate": [{"step": s, "value": v, "branch": b} for s, v, b in history.aggregate],
+            "abandoned": [
+                {
+                    "step": p.step,
+                    "rank": p.rank,
+                    "value": p.value,
+                    "branch": p.branch,
+                    "abandoned_by": p.abandoned_by,
+                }
+                for p in history.abandoned
+            ],
         }
     )

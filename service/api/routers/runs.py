@@ -46,7 +46,11 @@ def run_answer(run: Run) -> dict[str, Any]:
         "step": run.step,
         "completed_step": run.completed_step,
         "state": run.state,
-        "overrides": run.overrides,
+        "overrides": [{"n": i + 1, **ov} for i, ov in enumerate(run.overrides)],
+        "amendments": run.amendments,
+        "rewinds": run.rewinds,
+        "branch": run.branch,
+        "leased_until": run.leased_until,
     }
 
 
