@@ -273,7 +273,7 @@ async def test_async_client_every_method(live_server: ServerProcess) -> None:
         first = late.value.earliest_step
         assert first is not None and first > 12
         ovr = await client.override("a1", first, "set", 0.05, groups=["head"])
-        assert ovr["overrides"] and ovr["leased_until"] == first
+        assert ovr["overrides"] and ovr["leased_until"] < first  # first leaves headroom
         assert (await client.get_lr("a1", step=first))["groups"]["head"]["lr"] == 0.05
         amended, created = await client.amend(
             "a1", first + 300, {"type": "ConstantLR", "factor": 0.5}, restart=True
