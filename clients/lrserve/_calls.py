@@ -113,11 +113,13 @@ def get_lr(run_id: str, step: int | None = None, *, lease: bool = True) -> Call[
 
 
 def _etag_version(etag: str) -> int | None:
+    """The run version in an ETag: ``"7"``, or ``"7-1a2b3c4d"`` (version and a tag of the
+    run's creation time)."""
     tag = etag.strip()
     if tag.startswith("W/"):
         tag = tag[2:]
     try:
-        return int(tag.strip('"'))
+        return int(tag.strip('"').split("-", 1)[0])
     except ValueError:
         return None
 

@@ -12,8 +12,10 @@ given before or after the subcommand; ``--url``/``--token`` default to ``LRSERVE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -864,6 +866,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             options["max_retries"] = args.retries
         with Client(args.url, **options) as client:
             result = args.func(client, args, out)
+        if args.json and result is not None:
+            out.write(json.dumps(result, indent=2) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`lrserve show RUN | head`): what it wanted was printed.
+        _silence_stdout()
+        return EXIT_OK
     except (_Fail, UsageError) as exc:
         err.write(f"lrserve {args.command}: {exc}\n")
         return EXIT_USAGE
@@ -875,9 +884,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TransportError as exc:
         err.write(f"lrserve {args.command}: {exc}\n")
         return EXIT_CONNECT
-    if args.json and result is not None:
-        out.write(json.dumps(result, indent=2) + "\n")
     return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit does not raise
+    BrokenPipeError again (Python's documented recipe for SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -970,8 +970,20 @@ class _NotModified(Exception):
     """The server answered 304: the window in hand is still exact."""
 
 
+def _incarnation(etag: str | None) -> str | None:
+    """The run-creation part of a values ETag (``"7-1a2b3c4d"`` -> ``"1a2b3c4d"``)."""
+    if not etag:
+        return None
+    tag = etag.removeprefix("W/").strip('"')
+    return tag.split("-", 1)[1] if "-" in tag else None
+
+
 def _better(new: Window, old: Window) -> bool:
     if old.held:
+        return True
+    a, b = _incarnation(new.etag), _incarnation(old.etag)
+    if a is not None and b is not None and a != b:
+        # The run was deleted and created again under the same id: its versions restarted.
         return True
     if new.version != old.version:
         # Versions only grow; an older one can arrive late from a slow request.

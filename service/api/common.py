@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
@@ -88,14 +89,19 @@ class JsonBytesResponse(Response):
             self.raw_headers.extend(extra_headers)
 
 
-def etag(version: int) -> str:
-    return f'"{version}"'
+def etag(version: int, created_at: str = "") -> str:
+    """The entity tag of a run's values: its version, and (when given) a tag of its creation
+    time, so that a run deleted and created again under the same id (versions restart at 1)
+    never matches a tag of the old one."""
+    if not created_at:
+        return f'"{version}"'
+    return f'"{version}-{zlib.crc32(created_at.encode()):08x}"'
 
 
-def etag_matches(if_none_match: str | None, version: int) -> bool:
+def etag_matches(if_none_match: str | None, version: int, created_at: str = "") -> bool:
     if not if_none_match:
         return False
-    tag = etag(version)
+    tag = etag(version, created_at)
     for candidate in if_none_match.split(","):
         c = candidate.strip()
         if c == "*" or c == tag or c.removeprefix("W/") == tag:

@@ -255,3 +255,23 @@ def test_steering_commands_rewind_override_amend_withdraw(
             sched.step()
     for s in range(earliest + 101):
         assert values[s] == pytest.approx(want[s], rel=1e-12, abs=1e-18), s
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback(live_server: ServerProcess) -> None:
+    """`lrserve lr RUN --count N | head -1`: the reader goes away; no BrokenPipeError."""
+    with lrserve.Client(live_server.url) as client:
+        client.create_run("pipe", SPEC)
+    command = (
+        f"{sys.executable} -m lrserve --url {live_server.url} lr pipe --start 0 --count 20000 "
+        "--rows 20000 | head -n 1"
+    )
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=sdk_env(),
+    )
+    assert proc.stdout.split()[0] == "step", proc.stdout
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stderr

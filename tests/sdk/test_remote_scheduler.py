@@ -289,3 +289,27 @@ def test_report_of_a_non_number_raises_naming_the_metric(live_server: Any) -> No
         assert sched.report({"ok": 2.0}) is not None
     with lrserve.Client(live_server.url) as client:
         assert [p["value"] for p in client.get_metrics("report-bad", "ok")["points"]] == [2.0]
+
+
+def test_a_run_deleted_and_created_again_is_not_taken_for_the_old_one(live_server: Any) -> None:
+    """Versions restart at 1 for a new run under the same id: the ETag tells them apart."""
+    opt = sgd()
+    spec = {"schedule": {"type": "ConstantLR", "factor": 1.0, "total_iters": 0}}
+    with RemoteScheduler(
+        opt, "reborn", url=live_server.url, spec=spec, poll_interval=0.05, window=64
+    ) as sched:
+        with lrserve.Client(live_server.url) as client:
+            for step in range(3):  # the old run reaches version 4
+                client.report("reborn", step, {"loss": 1.0})
+            client.delete_run("reborn")
+            groups = [
+                {"name": "g0", "lr": 0.3, "momentum": 0.9},
+                {"name": "g1", "lr": 0.03, "momentum": 0.9},
+            ]
+            client.create_run("reborn", {**spec, "groups": groups})
+        for _ in range(200):
+            threading.Event().wait(0.05)
+            if sched.version == 1:
+                break
+        sched.step()
+        assert sched.get_last_lr() == [0.3, 0.03]

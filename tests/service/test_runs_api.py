@@ -138,12 +138,20 @@ def test_lr_etag_and_errors(client: httpx.Client) -> None:
     rid = new_id()
     client.put(f"/v1/runs/{rid}", json=COSINE_SPEC)
     r = client.get(f"/v1/runs/{rid}/lr", params={"step": 5})
-    assert r.headers["etag"] == '"1"'
-    r304 = client.get(f"/v1/runs/{rid}/lr", params={"step": 5}, headers={"If-None-Match": '"1"'})
-    assert r304.status_code == 304 and r304.content == b"" and r304.headers["etag"] == '"1"'
-    weak = client.get(f"/v1/runs/{rid}/lr", headers={"If-None-Match": 'W/"1", "9"'})
+    tag = r.headers["etag"]
+    assert tag.startswith('"1-') and tag.endswith('"')  # version 1, then the run's creation
+    r304 = client.get(f"/v1/runs/{rid}/lr", params={"step": 5}, headers={"If-None-Match": tag})
+    assert r304.status_code == 304 and r304.content == b"" and r304.headers["etag"] == tag
+    weak = client.get(f"/v1/runs/{rid}/lr", headers={"If-None-Match": f'W/{tag}, "9"'})
     assert weak.status_code == 304
-    assert client.get(f"/v1/runs/{rid}/lr", headers={"If-None-Match": '"2"'}).status_code == 200
+    assert client.get(f"/v1/runs/{rid}/lr", headers={"If-None-Match": '"1"'}).status_code == 200
+    # Deleted and created again (versions restart at 1, other values): the old tag is stale.
+    client.delete(f"/v1/runs/{rid}")
+    other = {**COSINE_SPEC, "groups": [{**g, "lr": g["lr"] * 2} for g in COSINE_SPEC["groups"]]}
+    assert client.put(f"/v1/runs/{rid}", json=other).status_code == 201
+    fresh = client.get(f"/v1/runs/{rid}/lr", params={"step": 5}, headers={"If-None-Match": tag})
+    assert fresh.status_code == 200 and fresh.json()["version"] == 1
+    assert fresh.json()["groups"]["head"]["lr"] == 2 * r.json()["groups"]["head"]["lr"]
     for params in (
         {"step": -1},
         {"step": "x"},

@@ -108,9 +108,11 @@ async def get_lr(request: Request) -> Response:
     # One cheap indexed read decides everything: (version, created_at) identifies the run's
     # content, so values computed for the same key are exact (runs' cache saves recomputing).
     current = await runs.version(run_id)
-    if etag_matches(request.headers.get("if-none-match"), current.version):
+    if etag_matches(request.headers.get("if-none-match"), current.version, current.created_at):
         # The trainer keeps the values it has: nothing new is handed out, nothing leased.
-        return Response(status_code=304, headers={"ETag": etag(current.version)})
+        return Response(
+            status_code=304, headers={"ETag": etag(current.version, current.created_at)}
+        )
     at = step if step is not None else (current.step or 0)
     if lease is None or _BOOLEANS[lease.lower()]:
         # Leased before they are computed: a change committed before the lease is in the
@@ -138,5 +140,6 @@ async def get_lr(request: Request) -> Response:
             }
         )
     return JsonBytesResponse(
-        body, [(b"etag", etag(version).encode()), (b"cache-control", b"no-cache")]
+        body,
+        [(b"etag", etag(version, current.created_at).encode()), (b"cache-control", b"no-cache")],
     )
