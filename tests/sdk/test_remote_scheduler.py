@@ -301,6 +301,11 @@ def test_a_run_deleted_and_created_again_is_not_taken_for_the_old_one(live_serve
         with lrserve.Client(live_server.url) as client:
             for step in range(3):  # the old run reaches version 4
                 client.report("reborn", step, {"loss": 1.0})
+            for _ in range(200):  # ... and the scheduler holds it
+                if sched.version == 4:
+                    break
+                threading.Event().wait(0.05)
+            assert sched.version == 4
             client.delete_run("reborn")
             groups = [
                 {"name": "g0", "lr": 0.3, "momentum": 0.9},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -150,19 +151,27 @@ def fit(
 
 
 def main() -> None:
-    """DDP on 2 CPU processes (gloo): every rank writes the rates it trained with."""
+    """A training process: DDP on ``devices`` CPU processes (default 2, gloo), or one process
+    (``devices: 1``, e.g. resuming from ``ckpt_path``). Every rank writes the rates it trained
+    with to ``out`` and the warnings it saw to ``out`` + ``.warnings.json``."""
     cfg = json.loads(sys.argv[1])
-    net = fit(
-        "lrserve",
-        cfg["steps"],
-        Path(cfg["root"]),
-        url=cfg["url"],
-        run=cfg["run"],
-        strategy="ddp",
-        devices=2,
-    )
-    rank = net.global_rank
-    Path(cfg["out"].replace("{rank}", str(rank))).write_text(json.dumps(net.rates))
+    devices = int(cfg.get("devices", 2))
+    parallel: dict[str, Any] = {"strategy": "ddp", "devices": devices} if devices > 1 else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = fit(
+            "lrserve",
+            cfg["steps"],
+            Path(cfg["root"]),
+            url=cfg["url"],
+            run=cfg["run"],
+            ckpt_path=cfg.get("ckpt_path"),
+            val_offset=float(cfg.get("val_offset", 0.0)),
+            **parallel,
+        )
+    out = cfg["out"].replace("{rank}", str(net.global_rank))
+    Path(out).write_text(json.dumps(net.rates))
+    Path(out + ".warnings.json").write_text(json.dumps([str(w.message) for w in caught]))
 
 
 if __name__ == "__main__":
