@@ -52,6 +52,13 @@ def build_parser(prog: str = "lrserve serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--max-body-bytes", type=int, default=env.max_body_bytes, help="request body limit (413)"
     )
+    p.add_argument(
+        "--idle-after",
+        type=float,
+        default=env.idle_after,
+        help="seconds without a report or heartbeat after which a run is idle "
+        "(LRSERVE_IDLE_AFTER, default 300)",
+    )
     return p
 
 
@@ -69,6 +76,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
         log_level=args.log_level,
         allow_unauthenticated=bool(args.insecure_bind_all),
         max_body_bytes=args.max_body_bytes,
+        idle_after=args.idle_after,
     )
 
 
@@ -80,6 +88,18 @@ def check_settings(settings: Settings) -> str | None:
         return f"--workers must be at least 1, not {settings.workers}"
     if settings.max_body_bytes < 1024:
         return "--max-body-bytes must be at least 1024"
+    if not 0 < settings.idle_after <= 10**7:
+        return f"--idle-after must be more than 0 and at most 10000000 s, not {settings.idle_after}"
+    if not 1 <= settings.stream_poll_seconds <= 60:
+        return "LRSERVE_STREAM_POLL_SECONDS must be 1 to 60 (one point read per connection)"
+    if not 0 < settings.stream_keepalive_seconds <= 3600:
+        return "LRSERVE_STREAM_KEEPALIVE_SECONDS must be more than 0 and at most 3600"
+    for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        value = getattr(settings, name)
+        if not 0 < value <= 3600:
+            return f"LRSERVE_{name.upper()} must be more than 0 and at most 3600 s, not {value}"
+    if settings.max_connections < 0:
+        return f"LRSERVE_MAX_CONNECTIONS must be 0 (automatic) or more: {settings.max_connections}"
     if settings.read_token and not settings.token:
         return "--read-token needs --token too (otherwise nobody could write)"
     if (
@@ -105,15 +125,37 @@ def check_settings(settings: Settings) -> str | None:
     return None
 
 
+def check_database(settings: Settings) -> str | None:
+    """Why the database must not start a server (a fault that waiting cannot cure: an
+    unwritable SQLite path, a non-UTF8 PostgreSQL database), or None. A database that cannot
+    be reached now is only logged: the server starts and answers 503 until it can."""
+    from service.runs.repository import StoreError, StoreFault
+    from service.store import preflight
+
+    try:
+        preflight(settings.database, settings.busy_timeout_ms)
+    except StoreFault as exc:
+        return str(exc)
+    except StoreError as exc:
+        log.warning(
+            "database not ready",
+            extra={"fields": {"event": "store_unavailable", "detail": str(exc)}},
+        )
+    return None
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     """Start the server; returns the process exit status (2 for bad settings)."""
     import uvicorn
 
     from service.api.observability import configure_logging
+    from service.api.protocol import PROTOCOL
 
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     problem = check_settings(settings)
+    if problem is None:
+        problem = check_database(settings)
     if problem is not None:
         print(f"lrserve serve: error: {problem}", file=sys.stderr)
         return 2
@@ -153,5 +195,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         log_config=None,
         server_header=False,
         proxy_headers=False,
+        # Read timeouts and a connection cap uvicorn lacks (service/api/protocol.py); the
+        # limits travel to the workers in the LRSERVE_* environment set above.
+        http=PROTOCOL,
+        timeout_keep_alive=settings.keep_alive_timeout,
     )
     return 0

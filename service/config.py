@@ -35,12 +35,31 @@ class Settings:
     max_body_bytes: int = 1_048_576
     max_json_depth: int = 64
     max_curve_span: int = 10_000_000
+    max_request_work: int = 1 << 29
+    """The work budget of one request (``service.schedules.cost.WORK_BUDGET``; see
+    docs/operations.md, "Request limits and the work budget")."""
     max_wait_seconds: float = 300.0
     busy_timeout_ms: int = 5_000
     pool_min: int = 1
     pool_max: int = 10
+    min_free_bytes: int = 33_554_432
+    """SQLite: ``/readyz`` answers 503 while the database's file system has less free."""
     wait_poll_seconds: float = 0.02
     """How often a ``?wait=`` request looks at the database for the step's completion."""
+    idle_after: float = 300.0
+    """Seconds without a report or heartbeat after which a run's status is ``idle``."""
+    stream_poll_seconds: float = 1.0
+    """How often a ``GET .../stream`` connection reads the run's version (1 s or slower)."""
+    stream_keepalive_seconds: float = 15.0
+    """Seconds between ``: keep-alive`` comments on an idle ``GET .../stream``."""
+    header_timeout: float = 10.0
+    """Seconds a connection may take to send a request head (see service/api/protocol.py)."""
+    body_timeout: float = 30.0
+    """Seconds a request may take to send its body once its head arrived (then 408)."""
+    keep_alive_timeout: int = 5
+    """Seconds an idle keep-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
+    max_connections: int = 0
+    """Open connections per process; 0: three quarters of the soft ``RLIMIT_NOFILE``."""
 
     @property
     def auth_enabled(self) -> bool:

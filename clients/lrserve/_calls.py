@@ -23,6 +23,7 @@ from ._types import (
     LRValues,
     LRWindow,
     MetricHistory,
+    MetricNames,
     Preview,
     RangeTestResult,
     ReportResult,
@@ -71,11 +72,50 @@ def get_run(run_id: str) -> Call[Run]:
     return Call("GET", _run_path(run_id), parse=_dict)
 
 
-def list_runs(limit: int | None = None, cursor: str | None = None) -> Call[RunList]:
-    """``GET /v1/runs?limit=&cursor=``."""
+_SORTS = ("id", "-id", "created", "-created", "updated", "-updated", "step", "-step")
+_STATUSES = ("running", "idle", "finished")
+
+
+def list_runs(
+    limit: int | None = None,
+    cursor: str | None = None,
+    *,
+    status: str | Sequence[str] | None = None,
+    search: str | None = None,
+    tags: Sequence[str] = (),
+    sort: str | None = None,
+) -> Call[RunList]:
+    """``GET /v1/runs?limit=&cursor=&status=&q=&tag=&sort=``."""
     if limit is not None and (_nonneg_int("limit", limit) or 0) < 1:
         raise UsageError("limit must be at least 1")
-    return Call("GET", "/v1/runs", parse=_dict, params={"limit": limit, "cursor": cursor})
+    statuses = [status] if isinstance(status, str) else list(status or [])
+    for s in statuses:
+        if s not in _STATUSES:
+            raise UsageError(f"status must be one of {', '.join(_STATUSES)}, got {s!r}")
+    if sort is not None and sort not in _SORTS:
+        raise UsageError(f"sort must be one of {', '.join(_SORTS)}, got {sort!r}")
+    if isinstance(tags, str):
+        tags = [tags]
+    params: dict[str, Any] = {"limit": limit, "cursor": cursor, "q": search or None, "sort": sort}
+    if statuses:
+        params["status"] = ",".join(statuses)
+    if tags:
+        params["tag"] = list(tags)
+    return Call("GET", "/v1/runs", parse=_dict, params=params)
+
+
+def heartbeat(
+    run_id: str, step: int | None = None, finished: bool = False, rank: int = 0
+) -> Call[None]:
+    """``POST /v1/runs/{id}/heartbeat`` (204): the trainer is alive, or with ``finished``
+    done; it changes no value and no ``version``, so repeating it is harmless."""
+    body: dict[str, Any] = {
+        "rank": _nonneg_int("rank", rank, allow_none=False),
+        "finished": bool(finished),
+    }
+    if step is not None:
+        body["step"] = _nonneg_int("step", step)
+    return Call("POST", _run_path(run_id, "/heartbeat"), parse=lambda r: None, json=body)
 
 
 def delete_run(run_id: str, missing_ok: bool = False) -> Call[None]:
@@ -206,6 +246,11 @@ def get_metrics(run_id: str, name: str) -> Call[MetricHistory]:
     if not name:
         raise UsageError("a metric name is required")
     return Call("GET", _run_path(run_id, "/metrics"), parse=_dict, params={"name": name})
+
+
+def get_metric_names(run_id: str) -> Call[MetricNames]:
+    """``GET /v1/runs/{id}/metrics``: the names of the metrics reported to the run."""
+    return Call("GET", _run_path(run_id, "/metrics"), parse=_dict)
 
 
 def get_events(run_id: str, after: int | None = None) -> Call[EventList]:

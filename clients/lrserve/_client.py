@@ -19,6 +19,7 @@ from ._types import (
     LRValues,
     LRWindow,
     MetricHistory,
+    MetricNames,
     Preview,
     RangeTestResult,
     ReportResult,
@@ -154,15 +155,39 @@ class Client:
         """The run: spec, ``version``, ``step``, ``completed_step``, ``state``, overrides."""
         return self._send(_calls.get_run(run_id))
 
-    def list_runs(self, limit: int | None = None, cursor: str | None = None) -> RunList:
-        """One page of runs: ``{"runs": [...], "next_cursor": str | None}``."""
-        return self._send(_calls.list_runs(limit, cursor))
+    def list_runs(
+        self,
+        limit: int | None = None,
+        cursor: str | None = None,
+        *,
+        status: str | Sequence[str] | None = None,
+        search: str | None = None,
+        tags: Sequence[str] = (),
+        sort: str | None = None,
+    ) -> RunList:
+        """One page of runs: ``{"runs": [...], "next_cursor": str | None}``.
 
-    def iter_runs(self, page_size: int | None = None) -> Iterator[RunSummary]:
-        """Every run, following ``next_cursor`` page by page."""
+        ``status``: ``running`` / ``idle`` / ``finished`` (or several); ``search``: a
+        case-insensitive substring of the id or a metadata value; ``tags``: all of them;
+        ``sort``: ``id`` (default), ``created``, ``updated``, ``step``, ``-`` for descending.
+        """
+        return self._send(
+            _calls.list_runs(limit, cursor, status=status, search=search, tags=tags, sort=sort)
+        )
+
+    def heartbeat(
+        self, run_id: str, *, step: int | None = None, finished: bool = False, rank: int = 0
+    ) -> None:
+        """Tell the server the job is alive (its run shows ``running``), or with ``finished``
+        that it is done (``finished`` until a report at a later step). Changes no value."""
+        self._send(_calls.heartbeat(run_id, step, finished, rank))
+
+    def iter_runs(self, page_size: int | None = None, **filters: Any) -> Iterator[RunSummary]:
+        """Every run, following ``next_cursor`` page by page (``filters``: as
+        :meth:`list_runs`'s ``status``, ``search``, ``tags``, ``sort``)."""
         cursor: str | None = None
         while True:
-            page = self.list_runs(page_size, cursor)
+            page = self.list_runs(page_size, cursor, **filters)
             yield from page["runs"]
             cursor = page.get("next_cursor")
             if not cursor:
@@ -248,6 +273,10 @@ class Client:
     def get_metrics(self, run_id: str, name: str) -> MetricHistory:
         """Stored history of one metric: ``points`` per report, ``aggregate`` per step."""
         return self._send(_calls.get_metrics(run_id, name))
+
+    def get_metric_names(self, run_id: str) -> MetricNames:
+        """The names of every metric reported to the run (``{"run", "names"}``)."""
+        return self._send(_calls.get_metric_names(run_id))
 
     def get_events(self, run_id: str, after: int | None = None) -> EventList:
         """The run's events (created, report_completed, reduced, override), oldest first."""

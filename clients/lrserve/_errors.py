@@ -99,12 +99,19 @@ class APIError(LRServeError):
     def _message(self) -> str:
         head = f"{self.status} {self.title}".strip()
         text = f"{head}: {self.detail}" if self.detail else head
-        for err in self.errors[:5]:
+        lines = []
+        for err in self.errors:
             loc = ".".join(str(part) for part in err.get("loc", []) or [])
             msg = err.get("msg", "")
-            text += f"\n  {loc}: {msg}" if loc else f"\n  {msg}"
-        if len(self.errors) > 5:
-            text += f"\n  ... and {len(self.errors) - 5} more"
+            lines.append(f"{loc}: {msg}" if loc else str(msg))
+        # lrserve's detail is the first field error itself ("body.x: msg (and 2 more)"):
+        # printing it again below the detail would say everything twice.
+        if lines and self.detail.startswith(lines[0]):
+            lines = lines[1:]
+        for line in lines[:5]:
+            text += f"\n  {line}"
+        if len(lines) > 5:
+            text += f"\n  ... and {len(lines) - 5} more"
         return text
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "LRValues",
     "LRWindow",
     "MetricHistory",
+    "MetricNames",
     "MetricPoint",
     "OverrideAction",
     "Preview",
@@ -85,6 +86,14 @@ class Run(TypedDict):
     branch: int
     #: Trainers may hold values up to this step (exclusive): changes can start here.
     leased_until: int
+    #: ``running`` / ``idle`` / ``finished`` (see :class:`RunSummary`).
+    status: str
+    last_report_at: str | None
+    heartbeat_at: str | None
+    heartbeat_step: int | None
+    #: Steps the run is planned for (``metadata.total_steps`` or its schedules' end).
+    horizon: int | None
+    tags: list[str]
 
 
 class CreateRunResult(NamedTuple):
@@ -105,7 +114,18 @@ class RunSummary(TypedDict):
     id: str
     version: int
     created_at: str
+    updated_at: str
     step: int | None
+    completed_step: int | None
+    last_report_at: str | None
+    heartbeat_at: str | None
+    #: ``finished`` (a heartbeat said so, or the horizon is reached), ``running`` (a report
+    #: or heartbeat within the server's ``idle_after``) or ``idle``.
+    status: str
+    horizon: int | None
+    #: ``metadata.tags`` (its strings) and ``metadata.tag``.
+    tags: list[str]
+    metadata: dict[str, Any]
 
 
 class RunList(TypedDict):
@@ -168,6 +188,15 @@ class MetricHistory(TypedDict, total=False):
     aggregate: list[dict[str, Any]]
     #: Reports that rewinds set aside (each with ``abandoned_by``, the rewind).
     abandoned: list[dict[str, Any]]
+    #: More steps follow: ask again with ``after_step`` set to it (``None``: the end).
+    next_after_step: int | None
+
+
+class MetricNames(TypedDict):
+    """``GET /v1/runs/{id}/metrics`` (no ``name``): every metric name reported to the run."""
+
+    run: str
+    names: list[str]
 
 
 class Event(TypedDict):

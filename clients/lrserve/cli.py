@@ -12,6 +12,7 @@ given before or after the subcommand; ``--url``/``--token`` default to ``LRSERVE
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import math
@@ -99,6 +100,20 @@ def _columns(groups: Mapping[str, Mapping[str, Sequence[float]]]) -> list[tuple[
     return [(g, f) for g, fields in groups.items() for f in fields]
 
 
+def _pick_nearest(steps: Sequence[int], start: int, total: int, rows: int) -> list[int]:
+    """Indices of the ``steps`` nearest to ``rows`` steps spread evenly over
+    ``[start, start + total)``, first and last included."""
+    if not steps:
+        return []
+    targets = [start + round(k * (total - 1) / max(rows - 1, 1)) for k in range(max(rows, 1))]
+    picked = set()
+    for target in targets:
+        i = bisect.bisect_left(steps, target)
+        near = [j for j in (i - 1, i) if 0 <= j < len(steps)]
+        picked.add(min(near, key=lambda j: abs(steps[j] - target)))
+    return sorted(picked)
+
+
 def _pick_rows(n: int, rows: int) -> list[int]:
     """``rows`` indices spread evenly over ``range(n)``, first and last included."""
     if n <= rows:
@@ -112,17 +127,33 @@ def _pick_rows(n: int, rows: int) -> list[int]:
 
 
 def _cmd_runs(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    filters: dict[str, Any] = {
+        "status": [s for item in args.status or [] for s in item.split(",") if s] or None,
+        "search": args.search,
+        "tags": args.tag or (),
+        "sort": args.sort,
+    }
     if args.all:
-        runs = list(client.iter_runs(page_size=args.limit))
+        runs = list(client.iter_runs(page_size=args.limit, **filters))
         result: Any = {"runs": runs, "next_cursor": None}
     else:
-        result = client.list_runs(limit=args.limit, cursor=args.cursor)
+        result = client.list_runs(limit=args.limit, cursor=args.cursor, **filters)
         runs = result.get("runs", [])
     if args.json:
         return result
     _table(
-        ["id", "version", "step", "created_at"],
-        [[r.get("id"), r.get("version"), r.get("step"), r.get("created_at")] for r in runs],
+        ["id", "status", "created_at", "step", "version", "tags"],
+        [
+            [
+                r.get("id"),
+                r.get("status", ""),
+                r.get("created_at"),
+                r.get("step"),
+                r.get("version"),
+                ",".join(r.get("tags") or []),
+            ]
+            for r in runs
+        ],
         out,
     )
     if result.get("next_cursor"):
@@ -236,19 +267,28 @@ def _window_table(
     count: int,
     rows: int,
     out: TextIO,
+    total: int | None = None,
 ) -> None:
+    """A table of about ``rows`` of the ``count`` steps (``steps``: a decimated answer's own
+    steps, out of ``total``)."""
     cols = _columns(groups)
     n = len(steps) if steps is not None else count
     if cols:
         n = min(n, *(len(groups[g][f]) for g, f in cols))
-    picked = _pick_rows(n, rows)
+    if steps is not None and total is not None and total > n:
+        # A decimated answer's steps are uneven: show those nearest to evenly spread ones.
+        picked = _pick_nearest(steps[:n], start, total, rows)
+    else:
+        picked = _pick_rows(n, rows)
     headers = ["step", *(f"{g}.{f}" for g, f in cols)]
     body = [
         [steps[i] if steps is not None else start + i, *(groups[g][f][i] for g, f in cols)]
         for i in picked
     ]
     _table(headers, body, out)
-    if len(picked) < n:
+    if total is not None and total > n:
+        out.write(f"({len(picked)} of {total} steps shown, from {n} the server picked)\n")
+    elif len(picked) < n:
         out.write(f"({len(picked)} of {n} steps shown; --rows to change)\n")
 
 
@@ -268,6 +308,22 @@ def _cmd_events(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
 
 
 def _cmd_metrics(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    if args.name is None:
+        try:
+            listed = client.get_metric_names(args.run)
+        except APIError as exc:
+            # A server from before the names listing asks for ?name=: say what to do instead.
+            if exc.status == 422 and any(e.get("loc") == ["query", "name"] for e in exc.errors):
+                raise _Fail("this server cannot list metric names: give the NAME") from None
+            raise
+        if args.json:
+            return listed
+        names = listed.get("names", [])
+        for name in names:
+            out.write(f"{name}\n")
+        if not names:
+            out.write(f"(no metric reported to {args.run} yet)\n")
+        return None
     result = client.get_metrics(args.run, args.name)
     if args.json:
         return result
@@ -290,19 +346,66 @@ def _read_json(path: str) -> Any:
         raise _Fail(f"{path} is not valid JSON: {exc}") from None
 
 
-def _cmd_preview(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
-    spec = _read_json(args.spec)
+MAX_WINDOW = 100_000
+"""The most steps the server answers one by one (a window, a preview's ``count``)."""
+LONG_PREVIEW_POINTS = 2_000
+"""Points a longer preview asks the server for: plenty for a table or a plot."""
+
+
+def _group_options(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The groups ``--lr`` / ``--group NAME=LR`` give (None: neither was given)."""
+    if getattr(args, "group_lr", None):
+        groups = []
+        for text in args.group_lr:
+            name, lr = _parse_metric(text)
+            groups.append({"name": name, "lr": lr})
+        return groups
+    if getattr(args, "lr", None) is not None:
+        return [{"name": "default", "lr": args.lr}]
+    return None
+
+
+def _run_body(spec: Any, args: argparse.Namespace, default_lr: float | None) -> dict[str, Any]:
+    """The run body SPEC.json stands for: a run body as it is, or a bare schedule node
+    (``{"type": ...}``) put under ``schedule`` with the groups of ``--lr``/``--group``."""
     if not isinstance(spec, dict):
-        raise _Fail(f"{args.spec}: expected a JSON object (a run body or its schedule part)")
+        raise _Fail(f"{args.spec}: expected a JSON object (a run body or a schedule node)")
+    groups = _group_options(args)
+    if "type" in spec and "schedule" not in spec:
+        if groups is None and default_lr is None:
+            raise _Fail(
+                f"{args.spec} is a single schedule node: give the groups it applies to with "
+                '--lr LR or --group NAME=LR, or write a run body {"groups": [...], '
+                '"schedule": {...}}'
+            )
+        return {"groups": groups or [{"name": "default", "lr": default_lr}], "schedule": spec}
+    if groups is not None:
+        if "groups" in spec:
+            raise _Fail(f"--lr/--group: {args.spec} has its own groups; give one or the other")
+        return {**spec, "groups": groups}
+    return spec
+
+
+def _cmd_preview(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    # A bare node previews on one group of lr 1 by default: the values are its factors.
+    spec = _run_body(_read_json(args.spec), args, default_lr=1.0)
     plot = _load_pyplot() if args.png else None
-    result = client.preview(spec, start=args.start, count=args.steps)
+    if args.steps > MAX_WINDOW:
+        # Too long to send step by step: the server decimates (each bucket's min and max
+        # step, the first and last included), which is all a table or a plot shows anyway.
+        stop = args.start + args.steps
+        result = client.preview(spec, start=args.start, stop=stop, points=LONG_PREVIEW_POINTS)
+    else:
+        result = client.preview(spec, start=args.start, count=args.steps)
     groups = result.get("groups", {})
     steps = result.get("steps")
     if plot is not None:
         _plot(plot, args.png, args.start, steps, groups, title=Path(args.spec).name)
     if args.json:
         return result
-    _window_table(args.start, steps, groups, result.get("count", args.steps), args.rows, out)
+    _window_table(
+        args.start, steps, groups, result.get("count", args.steps), args.rows, out, args.steps
+    )
     if args.png:
         out.write(f"wrote {args.png}\n")
     return None
@@ -396,9 +499,7 @@ def _cmd_report(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
 
 
 def _cmd_create(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
-    spec = _read_json(args.spec)
-    if not isinstance(spec, dict):
-        raise _Fail(f"{args.spec}: expected a JSON object (the run body)")
+    spec = _run_body(_read_json(args.spec), args, default_lr=None)
     run, created = client.create_run(args.run, spec)
     if args.json:
         return {"created": created, "run": run}
@@ -677,6 +778,23 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 Command = Callable[[Client, argparse.Namespace, TextIO], Any]
 
 
+def _group_arguments(parser: argparse.ArgumentParser, lr_note: str) -> None:
+    """``--lr`` / ``--group``: the groups for a SPEC.json that is a single schedule node."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--lr",
+        type=float,
+        help=f"a single node's one group 'default' starts at this lr ({lr_note})",
+    )
+    which.add_argument(
+        "--group",
+        dest="group_lr",
+        action="append",
+        metavar="NAME=LR",
+        help="a group for a single node, or for a body without groups (repeat)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lrserve`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -706,6 +824,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, help="runs per page")
     p.add_argument("--cursor", help="continue from this cursor")
     p.add_argument("--all", action="store_true", help="follow cursors to the last page")
+    p.add_argument(
+        "--status",
+        action="append",
+        help="only runs with this status: running, idle or finished (repeat or comma list)",
+    )
+    p.add_argument(
+        "--search", "-q", help="case-insensitive substring of the run id or a metadata value"
+    )
+    p.add_argument("--tag", action="append", help="only runs with this tag (repeat: all of them)")
+    p.add_argument(
+        "--sort",
+        choices=["id", "-id", "created", "-created", "updated", "-updated", "step", "-step"],
+        help="order (default id); descending with '-' in front, written --sort=-created",
+    )
 
     p = command("show", _cmd_show, "show a run: spec, version, steps, state, overrides")
     p.add_argument("run")
@@ -721,13 +853,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--after", type=_nonneg, help="only events after this sequence number")
 
-    p = command("metrics", _cmd_metrics, "a run's reported values of one metric")
+    p = command(
+        "metrics", _cmd_metrics, "a run's reported values of one metric; without NAME its names"
+    )
     p.add_argument("run")
-    p.add_argument("name")
+    p.add_argument("name", nargs="?", help="the metric (default: list the names reported)")
 
     p = command("preview", _cmd_preview, "values of a schedule spec without creating a run")
-    p.add_argument("spec", metavar="SPEC.json", help="run body or its schedule part ('-': stdin)")
-    p.add_argument("--steps", type=_positive, default=100, help="number of steps (default 100)")
+    p.add_argument(
+        "spec", metavar="SPEC.json", help="a run body or a single schedule node ('-': stdin)"
+    )
+    _group_arguments(p, "default 1 for a single node: the values are its factors")
+    p.add_argument(
+        "--steps",
+        type=_positive,
+        default=100,
+        help=f"number of steps (default 100; over {MAX_WINDOW:,} the server decimates them)",
+    )
     p.add_argument("--start", type=_nonneg, default=0, help="first step (default 0)")
     p.add_argument("--rows", type=_positive, default=20, help="rows shown (default 20)")
     p.add_argument("--png", metavar="FILE", help="also plot every group's values to FILE (PNG)")
@@ -741,7 +883,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("create", _cmd_create, "create a run from a run body (idempotent)")
     p.add_argument("run")
-    p.add_argument("spec", metavar="SPEC.json", help="the run body ('-': stdin)")
+    p.add_argument(
+        "spec", metavar="SPEC.json", help="a run body or a single schedule node ('-': stdin)"
+    )
+    _group_arguments(p, "needed for a single node")
 
     p = command("delete", _cmd_delete, "delete a run")
     p.add_argument("run")

@@ -26,7 +26,8 @@ try:
     from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
     from transformers.trainer_utils import SchedulerType
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subprocess test
-    if exc.name is None or exc.name.split(".")[0] not in ("transformers", "accelerate"):
+    # (transformers' optimization module imports torch: the same extra brings it.)
+    if exc.name is None or exc.name.split(".")[0] not in ("transformers", "accelerate", "torch"):
         raise
     raise ModuleNotFoundError(
         "lrserve.hf needs Hugging Face transformers (and accelerate for its Trainer), which "

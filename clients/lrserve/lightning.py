@@ -27,12 +27,13 @@ try:
     import lightning.pytorch as pl
     from lightning.pytorch.trainer.states import TrainerFn
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subprocess test
-    if exc.name is None or exc.name.split(".")[0] != "lightning":
+    # (Lightning installed without torch fails on torch: the same extra brings both.)
+    if exc.name is None or exc.name.split(".")[0] not in ("lightning", "torch"):
         raise
     raise ModuleNotFoundError(
         "lrserve.lightning needs PyTorch Lightning, which is not installed here: pip install "
         "'lrserve[lightning]'",
-        name="lightning",
+        name=exc.name,
     ) from exc
 
 from ._errors import UsageError

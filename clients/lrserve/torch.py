@@ -44,6 +44,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subproce
 
 from ._client import Client
 from ._errors import (
+    APIError,
     ConflictError,
     LRServeError,
     ServerError,
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("lrserve.torch")
+
+HEARTBEAT_INTERVAL = 30.0
+"""Seconds between two heartbeats of rank 0 (``POST .../heartbeat``: the run's status)."""
 
 Aggregate = Literal["mean", "min", "max", "rank0"]
 
@@ -281,6 +285,7 @@ class RemoteScheduler(LRScheduler):
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_heartbeat = -HEARTBEAT_INTERVAL  # the first refresh sends one
         # Before anything is bound to the param groups' tensors.
         self._untie()
 
@@ -751,7 +756,16 @@ class RemoteScheduler(LRScheduler):
 
     def _fetch(self, start: int, etag: str | None = None) -> Window:
         assert self._client is not None
-        w = self._client.get_lr_window(self.run_id, start, self._window_size, etag=etag)
+        try:
+            w = self._client.get_lr_window(self.run_id, start, self._window_size, etag=etag)
+        except APIError as exc:
+            # Over the server's work budget (many groups, a costly schedule): the refusal
+            # names the largest window that fits; fetch that, and keep that size from now on.
+            fits = exc.body.get("max_count") if isinstance(exc.body, dict) else None
+            if exc.slug != "work-limit" or not isinstance(fits, int) or fits < 1:
+                raise
+            self._window_size = min(self._window_size, max(2, fits))
+            w = self._client.get_lr_window(self.run_id, start, self._window_size, etag=etag)
         if w.not_modified or w.values is None:
             raise _NotModified
         return Window(w.start, w.count, w.version, w.etag, w.values)
@@ -778,6 +792,7 @@ class RemoteScheduler(LRScheduler):
             self._wake.clear()
             if self._stop.is_set():
                 break
+            self._heartbeat_if_due()
             try:
                 self._refresh_once()
             except _UNAVAILABLE as exc:
@@ -806,6 +821,22 @@ class RemoteScheduler(LRScheduler):
             return
         self._install(new)
         self._back_online()
+
+    def _heartbeat_if_due(self) -> None:
+        """Rank 0, from this background thread: tell the service the job is alive (the run
+        shows ``running``) at most every ``HEARTBEAT_INTERVAL`` s. Best effort: a failure is
+        logged at debug level and forgotten; skipped while the service is unreachable (the
+        refresh already waits on it)."""
+        now = time.monotonic()
+        if self.rank != 0 or self._offline or self._client is None:
+            return
+        if now - self._last_heartbeat < HEARTBEAT_INTERVAL:
+            return
+        self._last_heartbeat = now
+        try:
+            self._client.heartbeat(self.run_id, step=max(0, self._step))
+        except Exception as exc:
+            log.debug("lrserve: heartbeat for run %r failed: %s", self.run_id, exc)
 
     def _went_offline(self, exc: BaseException) -> None:
         self._offline = True
@@ -924,6 +955,19 @@ class RemoteScheduler(LRScheduler):
             warnings.warn(msg, UserWarning, stacklevel=3)
 
     # -- lifetime --------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """The job is done: rank 0 tells the service (the run shows ``finished`` until a
+        report at a later step), then :meth:`close`. Best effort: a service that does not
+        answer is logged at debug level. Call it after the last step; ``close()`` alone (or
+        leaving a ``with`` block) does not mark the run finished, as a job stopped early to
+        resume later is not."""
+        if not self._closed and self.rank == 0 and self._talks and self._client is not None:
+            try:
+                self._client.heartbeat(self.run_id, step=max(0, self._step), finished=True)
+            except Exception as exc:
+                log.debug("lrserve: finish heartbeat for run %r failed: %s", self.run_id, exc)
+        self.close()
 
     def close(self) -> None:
         """Stop the refresher, send kept reports if the service answers, close the client."""

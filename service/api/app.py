@@ -19,6 +19,7 @@ from service.api.middleware import RequestMiddleware
 from service.api.problems import install_handlers
 from service.api.routers import (
     dashboard,
+    docs,
     health,
     inspect,
     lr,
@@ -28,8 +29,10 @@ from service.api.routers import (
     range_test,
     runs,
     steering,
+    stream,
 )
 from service.config import Settings
+from service.runs.repository import StoreFault
 
 log = logging.getLogger("lrserve.app")
 
@@ -43,11 +46,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await to_thread.run_sync(store_holder.open)
+        except StoreFault as exc:
+            # Waiting cannot cure it (an unwritable path, a non-UTF8 database): refuse to
+            # start, naming the fix, rather than answer 503 forever.
+            log.critical(
+                "store fault", extra={"fields": {"event": "store_fault", "error": str(exc)}}
+            )
+            raise
         except Exception as exc:
             # Keep serving: /readyz says 503 and requests retry the migration lazily.
             log.error(
                 "store unavailable",
-                extra={"fields": {"event": "store_unavailable", "error": type(exc).__name__}},
+                extra={
+                    "fields": {
+                        "event": "store_unavailable",
+                        "error": type(exc).__name__,
+                        "detail": str(exc),
+                    }
+                },
             )
         try:
             yield
@@ -59,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Learning-rate schedules, plateau state and metric reports for training jobs.",
         lifespan=lifespan,
+        # /docs and /redoc come from routers/docs.py: with vendored assets, not a CDN's.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store_holder = store_holder
@@ -67,12 +86,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Without a token there is nothing to check: no per-request dependency at all.
     v1_deps = [Depends(require_token)] if settings.auth_enabled else []
     v1_routers = [
-        m.router for m in (lr, metrics, runs, inspect, preview, overrides, steering, range_test)
+        m.router
+        for m in (lr, metrics, runs, inspect, preview, overrides, steering, range_test, stream)
     ]
     for router in v1_routers:
         app.include_router(router, dependencies=v1_deps)
     app.include_router(health.router)
     app.include_router(dashboard.router)
+    app.include_router(docs.router)
     # The hot paths (endpoints marked @hot), matched before everything else (see HotRoute),
     # guarded by the same auth function as the documented routes' dependency.
     guard = authorize if settings.auth_enabled else None

@@ -6,6 +6,7 @@ Tokens are compared with :func:`hmac.compare_digest` (constant time) and never l
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -31,16 +32,26 @@ def require_token(
     authorize(request)
 
 
+# The one route that also takes ``?token=``: the browser's EventSource cannot send headers.
+# A token in a URL may be written to proxies' access logs (lrserve logs route templates
+# only), so the web page uses it only there and docs recommend the read-only token for it.
+_QUERY_TOKEN_PATH = re.compile(r"/v1/runs/[^/]+/stream")
+
+
 def authorize(request: Request) -> None:
     """401 without a valid token; 403 when a read-only token tries to write.
 
     The one auth check, for the documented routes (through :func:`require_token`) and the
-    hot routes alike. Parses ``Authorization`` as ``HTTPBearer(auto_error=False)`` does.
+    hot routes alike. Parses ``Authorization`` as ``HTTPBearer(auto_error=False)`` does;
+    without one, ``GET /v1/runs/{id}/stream`` may carry the token as ``?token=``.
     """
     authorization = request.headers.get("authorization")
     scheme, credentials = get_authorization_scheme_param(authorization)
     if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
-        check_credentials(request, None)
+        query_token = None
+        if request.method == "GET" and _QUERY_TOKEN_PATH.fullmatch(request.url.path):
+            query_token = request.query_params.get("token") or None
+        check_credentials(request, query_token)
     else:
         check_credentials(request, credentials)
 

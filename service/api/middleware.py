@@ -1,7 +1,9 @@
-"""Pure ASGI middleware: observability and request limits (body size, JSON nesting).
+"""Pure ASGI middleware: observability and request limits (body size, JSON nesting, media
+type, UTF-8).
 
-Both run before FastAPI parses anything, so a huge or absurdly nested body is refused
-before it can cost memory or hit the JSON parser's recursion limit (which would be a 500).
+All run before FastAPI parses anything, so a huge or absurdly nested body is refused
+before it can cost memory or hit the JSON parser's recursion limit (which would be a 500),
+and every route answers a non-JSON or non-UTF-8 body the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from typing import Any
 
 import numpy as np
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import observability
@@ -22,8 +25,19 @@ _OPEN = np.zeros(256, dtype=np.int8)
 _OPEN[ord("[")] = _OPEN[ord("{")] = 1
 _OPEN[ord("]")] = _OPEN[ord("}")] = -1
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_TYPED_METHODS = frozenset({"POST", "PUT", "PATCH"})  # (a DELETE's body is never read)
+_JSON_HEADER = (b"content-type", b"application/json")
 
 access_log = logging.getLogger("lrserve.access")
+
+
+def is_json_media_type(content_type: bytes) -> bool:
+    """``application/json`` or ``application/<anything>+json`` (parameters ignored): the
+    media types FastAPI parses as JSON."""
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (
+        media.startswith(b"application/") and media.endswith(b"+json")
+    )
 
 
 def json_depth(body: bytes, limit: int | None = None) -> int:
@@ -47,6 +61,9 @@ class RequestMiddleware:
       token), labelled with the route template.
     - 413 for bodies over ``max_body_bytes`` and 422 for JSON nested over ``max_json_depth``,
       before anything parses the body.
+    - 415 ``unsupported-media-type`` for a POST/PUT/PATCH body sent as anything but JSON,
+      on every route alike (a body without ``Content-Type`` is read as JSON, as the hot
+      routes always did); 422 ``validation-error`` for a body that is not UTF-8 (RFC 8259).
 
     One layer instead of two saves a few microseconds on every request (the hot paths cost
     about a hundred).
@@ -86,6 +103,7 @@ class RequestMiddleware:
     async def _with_body(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Read the whole body within the limits, then hand it on to the app."""
         limit = self.max_body_bytes
+        content_type: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -95,6 +113,8 @@ class RequestMiddleware:
                 if declared > limit:
                     await self._too_large(scope, receive, send)
                     return
+            elif name == b"content-type":
+                content_type = value
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -110,6 +130,11 @@ class RequestMiddleware:
             if not message.get("more_body", False):
                 break
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if body and scope["method"] in _TYPED_METHODS:
+            refusal = _refuse_body(scope, body, content_type)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
         if body and json_depth(body, self.max_json_depth) > self.max_json_depth:
             msg = f"JSON nested deeper than {self.max_json_depth} levels"
             response = problem_response(
@@ -142,3 +167,34 @@ class RequestMiddleware:
             headers={"Connection": "close"},
         )
         await response(scope, receive, send)
+
+
+def _refuse_body(scope: Scope, body: bytes, content_type: bytes | None) -> Response | None:
+    """The answer refusing a non-empty body that is not JSON or not UTF-8, else None.
+
+    A body without ``Content-Type`` gets ``application/json`` added to the request, so that
+    FastAPI's routes read it as the hot routes do (FastAPI leaves such a body unparsed).
+    """
+    if content_type is None:
+        scope["headers"] = [*scope["headers"], _JSON_HEADER]
+    elif not is_json_media_type(content_type):
+        shown = content_type[:100].decode("latin-1")
+        return problem_response(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            f"the body must be JSON: send it with Content-Type: application/json, not {shown!r}",
+        )
+    if not body.isascii():  # (C speed; every ordinary report is ASCII)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            msg = f"the body is not valid UTF-8 (byte {exc.start})"
+            return problem_response(
+                422,
+                "validation-error",
+                "Validation error",
+                f"body: {msg}",
+                [{"loc": ["body"], "msg": msg}],
+            )
+    return None

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 REQUESTS = Counter(
     "lrserve_http_requests_total", "HTTP requests answered", ["method", "path", "status"]
@@ -23,6 +23,15 @@ LATENCY = Histogram(
 )
 REPORTS = Counter("lrserve_reports_total", "Metric reports received", ["outcome"])
 DECISIONS = Counter("lrserve_decisions_total", "Completed steps decided", ["reduced"])
+STREAMS_OPEN = Gauge("lrserve_streams_open", "Open GET .../stream connections (server-sent events)")
+STREAM_POLLS = Counter("lrserve_stream_polls_total", "Point reads made by open streams")
+WAITING_REPORTS = Gauge(
+    "lrserve_report_waits", "Reports holding their answer (?wait=) until their step completes"
+)
+ABANDONED_WAITS = Counter(
+    "lrserve_report_waits_abandoned_total",
+    "Waiting reports whose client went away before the step completed (the wait ended then)",
+)
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 

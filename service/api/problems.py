@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from service.runs.errors import (
     InvalidArgument,
@@ -27,6 +28,8 @@ from service.runs.errors import (
 )
 from service.runs.repository import StoreBusy, StoreError
 from service.schedules import SpecError
+from service.schedules.cost import WorkLimitExceeded
+from service.schedules.hints import improve as improve_spec_errors
 
 log = logging.getLogger("lrserve.errors")
 
@@ -39,6 +42,7 @@ _STATUS_SLUG = {
     404: ("not-found", "Not found"),
     405: ("method-not-allowed", "Method not allowed"),
     406: ("not-acceptable", "Not acceptable"),
+    408: ("request-timeout", "Request timeout"),
     413: ("payload-too-large", "Payload too large"),
     415: ("unsupported-media-type", "Unsupported media type"),
     422: ("validation-error", "Validation error"),
@@ -94,6 +98,25 @@ def argument_location(request: Request, field: Iterable[str | int]) -> list[str 
     return ["query" if request.method == "GET" else "body", *field]
 
 
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app accepts on the request's path.
+
+    Each method is tried against the routes as the router would (FastAPI keeps included
+    routers as lazy route groups, so their routes' ``methods`` are not listed at the top).
+    """
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHOD_ORDER
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+
+
 def problem_response(
     status: int,
     slug: str,
@@ -126,12 +149,13 @@ def _json_safe_loc(loc: Iterable[Any]) -> list[str | int]:
 
 
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
-    out = []
-    for err in exc.errors():
-        loc = _json_safe_loc(err.get("loc", ()))
-        msg = str(err.get("msg", "invalid"))
-        out.append({"loc": loc, "msg": msg})
-    return out
+    # Spec errors get messages that name the fix (a mistyped type or argument, a bare node
+    # sent as a run body); every other error keeps pydantic's message.
+    errors = [
+        {**err, "loc": _json_safe_loc(err.get("loc", ())), "msg": str(err.get("msg", "invalid"))}
+        for err in exc.errors()
+    ]
+    return improve_spec_errors(errors)
 
 
 def _invalid(request: Request, field: Iterable[Any], msg: str) -> Response:
@@ -174,9 +198,13 @@ def install_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else title
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no such resource: {request.url.path}"
+        headers = exc.headers
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
-        return problem_response(exc.status_code, slug, title, detail, None, exc.headers)
+            # Starlette names the methods of the first route matching the path only; the
+            # answer must name every method the path has (RFC 9110, 15.5.6).
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return problem_response(exc.status_code, slug, title, detail, None, headers)
 
     @app.exception_handler(SpecError)
     async def _spec(request: Request, exc: SpecError) -> Response:
@@ -184,6 +212,19 @@ def install_handlers(app: FastAPI) -> None:
         # refuses (past the largest exact step): the client's problem, located like
         # pydantic's own errors.
         return _invalid(request, exc.loc, exc.msg)
+
+    @app.exception_handler(WorkLimitExceeded)
+    async def _work(request: Request, exc: WorkLimitExceeded) -> Response:
+        # Refused before any value is computed: the request would cost more than one request
+        # may (docs/operations.md, "Request limits and the work budget"); nothing is changed.
+        extra: dict[str, Any] = {
+            "limit": exc.limit,
+            "amount": exc.amount,
+            "maximum": exc.maximum,
+        }
+        if exc.max_count is not None:
+            extra["max_count"] = exc.max_count
+        return problem_response(422, "work-limit", "Over the work limit", str(exc), extra=extra)
 
     @app.exception_handler(InvalidArgument)
     async def _argument(request: Request, exc: InvalidArgument) -> Response:

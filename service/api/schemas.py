@@ -212,6 +212,17 @@ class RewindOut(_Answer):
     at: str
 
 
+RunStatus = Literal["running", "idle", "finished"]
+_STATUS_DOC = (
+    "finished: a heartbeat said so, or completed_step >= horizon - 1; running: a report or "
+    "heartbeat within the server's idle_after seconds; else idle"
+)
+_HORIZON_DOC = (
+    "steps the run is planned for: metadata.total_steps, else the longest schedule's end "
+    "(null when no schedule has one)"
+)
+
+
 class RunOut(_Answer):
     """A run: its normalised spec, counters and the plateau nodes' state."""
 
@@ -231,13 +242,40 @@ class RunOut(_Answer):
         description="trainers may hold values up to this step (exclusive): changes of the "
         "schedule or overrides can start here at the earliest"
     )
+    status: RunStatus = Field(description=_STATUS_DOC)
+    last_report_at: str | None = Field(description="when the latest new report arrived")
+    heartbeat_at: str | None = Field(description="when the latest heartbeat arrived")
+    heartbeat_step: int | None = Field(None, description="the step the latest heartbeat named")
+    horizon: int | None = Field(description=_HORIZON_DOC)
+    tags: list[str] = Field(description="metadata.tags (its strings) and metadata.tag")
 
 
 class RunSummaryOut(_Answer):
     id: str
     version: int
     created_at: str
+    updated_at: str
     step: int | None
+    completed_step: int | None
+    last_report_at: str | None
+    heartbeat_at: str | None
+    status: RunStatus = Field(description=_STATUS_DOC)
+    horizon: int | None = Field(description=_HORIZON_DOC)
+    tags: list[str]
+    metadata: dict[str, Any]
+
+
+class HeartbeatIn(BaseModel):
+    """The body of ``POST /v1/runs/{id}/heartbeat``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(0, ge=0, le=4095, description="the sending rank (< world_size)")
+    step: int | None = Field(None, ge=0, le=MAX_STEP, description="the trainer's step now")
+    finished: bool = Field(
+        False,
+        description="the job is done: the run is finished until a report at a later step",
+    )
 
 
 class RunListOut(_Answer):
@@ -311,6 +349,18 @@ class MetricHistoryOut(_Answer):
     points: list[MetricPointOut] = Field(description="reports on the run's timeline")
     aggregate: list[AggregatePointOut] = Field(description="the values metric nodes saw")
     abandoned: list[AbandonedPointOut] = Field(description="reports rewinds set aside")
+    next_after_step: int | None = Field(
+        None,
+        description="more steps follow (the limit cut the answer): ask again with this "
+        "after_step; null at the end",
+    )
+
+
+class MetricNamesOut(_Answer):
+    """``GET .../metrics`` without ``name``."""
+
+    run: str
+    names: list[str] = Field(description="every metric name reported to the run, sorted")
 
 
 class EventOut(_Answer):
@@ -420,7 +470,9 @@ __all__ = [
     "ChangePreviewOut",
     "CurveOut",
     "EventsOut",
+    "HeartbeatIn",
     "MetricHistoryOut",
+    "MetricNamesOut",
     "OverrideIn",
     "PreviewIn",
     "PreviewOut",

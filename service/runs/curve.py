@@ -8,18 +8,29 @@ inside a bucket is never smoothed away: the plot shows the true envelope.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
+
+from service.schedules.cost import WorkLimitExceeded
 
 Values = dict[str, dict[str, npt.NDArray[np.float64]]]
 CHUNK = 1 << 18
 
 
 def decimate(
-    evaluate: Callable[[int, int], Values], start: int, stop: int, points: int
+    evaluate: Callable[[int, int], Values],
+    start: int,
+    stop: int,
+    points: int,
+    max_values: int | None = None,
 ) -> tuple[list[int], dict[str, dict[str, list[float]]]]:
-    """Steps in ``[start, stop)`` and every series' values there, at most ~``points`` buckets."""
+    """Steps in ``[start, stop)`` and every series' values there, at most ~``points`` buckets.
+
+    The steps kept are the union of every series' minima and maxima: series that peak at
+    different steps (many groups, each with its own phase) keep more. ``max_values`` bounds
+    the answer (steps x series): :class:`WorkLimitExceeded` as soon as it would be passed."""
     n = stop - start
     if n <= points:
         values = evaluate(start, n)
@@ -51,6 +62,16 @@ def decimate(
                     keep.add(a + int(np.argmin(seg)))
                     keep.add(a + int(np.argmax(seg)))
         idx = np.fromiter(sorted(keep), dtype=np.int64)
+        answered = (len(steps) + len(idx)) * sum(len(fs) for fs in values.values())
+        if max_values is not None and answered > max_values:
+            raise WorkLimitExceeded(
+                "this curve",
+                "values",
+                answered,
+                max_values,
+                "its series peak at different steps, so decimation keeps too many: ask for "
+                "fewer points or a shorter span",
+            )
         steps.extend((idx + lo).tolist())
         for g, fs in values.items():
             dest = out.setdefault(g, {})
@@ -58,3 +79,35 @@ def decimate(
                 dest.setdefault(f, []).extend(series[idx].tolist())
         b = e
     return steps, out
+
+
+def decimate_sampled(
+    evaluate: Callable[[int, int], Values], start: int, stop: int, points: int, per_bucket: int
+) -> tuple[list[int], dict[str, dict[str, list[float]]]]:
+    """As :func:`decimate`, but within a work budget: each of the ``points // 2`` buckets
+    contributes the min and max steps of only its first ``per_bucket`` steps (and the range
+    keeps its first and last step). For a span too long to evaluate densely: a change point
+    inside a bucket's unsampled part shows one bucket late, never as a wrong value."""
+    n = stop - start
+    n_buckets = max(1, points // 2)
+    edges = start + (np.arange(n_buckets + 1, dtype=np.int64) * n) // n_buckets
+    keep: dict[int, dict[str, dict[str, float]]] = {}
+    windows = [(int(a), min(int(a) + per_bucket, int(b))) for a, b in pairwise(edges) if b > a]
+    windows.append((stop - 1, stop))
+    for lo, hi in windows:
+        values = evaluate(lo, hi - lo)
+        chosen = {0, hi - lo - 1}
+        for fs in values.values():
+            for series in fs.values():
+                chosen.add(int(np.argmin(series)))
+                chosen.add(int(np.argmax(series)))
+        for i in chosen:
+            keep[lo + i] = {g: {f: float(v[i]) for f, v in fs.items()} for g, fs in values.items()}
+    steps = sorted(keep)
+    groups: dict[str, dict[str, list[float]]] = {}
+    for step in steps:
+        for g, at_step in keep[step].items():
+            dest = groups.setdefault(g, {})
+            for f, value in at_step.items():
+                dest.setdefault(f, []).append(value)
+    return steps, groups

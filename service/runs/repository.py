@@ -36,6 +36,12 @@ class WouldBlock(StoreBusy):
     """A write attempted without waiting found the lock taken; nothing was written."""
 
 
+class StoreFault(StoreError):
+    """The database cannot work as configured and will not recover by waiting (an unwritable
+    path, a read-only file system, a database in the wrong encoding): the server refuses to
+    start. The message names the fault and its fix."""
+
+
 class RunExists(StoreError):
     """A run with this id already exists (raised inside a transaction; see create_run)."""
 
@@ -82,6 +88,24 @@ class RunRecord:
     event_seq: int = 0
     created_at: str = field(default_factory=utcnow)
     updated_at: str = field(default_factory=utcnow)
+    # The run list's columns (schema v3; see service/runs/listing.py for how they derive).
+    last_report_at: str | None = None
+    """When the latest new report arrived (``None``: no report yet)."""
+    heartbeat_at: str | None = None
+    heartbeat_step: int | None = None
+    finished: bool = False
+    """A heartbeat said the job finished; a report at a step after ``finished_step`` clears it."""
+    finished_step: int | None = None
+    horizon: int | None = None
+    """The step count after which the schedule ends (``runs.listing.run_horizon``)."""
+    tags: str = "[]"
+    """JSON list of the run's tags (also rows of ``run_tags``); written at creation."""
+    search: str = ""
+    """Lower-cased text ``?q=`` searches: the id and the metadata's values, one per line."""
+    metadata: str | None = "{}"
+    """The spec's metadata (JSON); ``None`` on a row from before v3 not yet derived."""
+    metric_names: str | None = "[]"
+    """Sorted JSON list of the metric names reported; ``None`` before v3 (read the reports)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,63 @@ class RunSummary:
     version: int
     created_at: str
     step: int | None
+    updated_at: str = ""
+    completed_step: int | None = None
+    last_report_at: str | None = None
+    heartbeat_at: str | None = None
+    finished: bool = False
+    horizon: int | None = None
+    tags: str = "[]"
+    metadata: str = "{}"
+
+
+SORT_KEYS = ("id", "created", "updated", "step")
+"""What the run list sorts by (``-`` in front: descending)."""
+
+
+@dataclass(frozen=True)
+class RunQuery:
+    """One page of the run list: filters, order and where the previous page ended."""
+
+    limit: int
+    sort: str = "id"
+    """One of :data:`SORT_KEYS`."""
+    descending: bool = False
+    after: tuple[str | int | None, str] | None = None
+    """``(sort value, id)`` of the previous page's last run (the id alone for ``sort=id``)."""
+    statuses: frozenset[str] = frozenset()
+    """``running`` / ``idle`` / ``finished``; empty: all."""
+    active_since: str = ""
+    """Runs with activity (a report or heartbeat) at or after this time are not idle."""
+    search: str | None = None
+    """Lower-cased substring of ``runs.search``."""
+    tags: tuple[str, ...] = ()
+    """Every one of these must be a tag of the run."""
+
+
+@dataclass(frozen=True)
+class RunPulse:
+    """The point read a live view polls: what identifies the run's content and its status."""
+
+    version: int
+    created_at: str
+    step: int | None
+    completed_step: int | None
+    branch: int
+    last_report_at: str | None
+    heartbeat_at: str | None
+    finished: bool
+    horizon: int | None
+
+
+@dataclass(frozen=True)
+class DerivedColumns:
+    """The columns the run layer derives from a run's spec and amendments."""
+
+    horizon: int | None
+    tags: list[str]
+    search: str
+    metadata: str
 
 
 @dataclass(frozen=True)
@@ -113,6 +194,19 @@ class AbandonedReportRow:
     received_at: str
     branch: int
     abandoned_by: int
+
+
+@dataclass(frozen=True)
+class HistoryRows:
+    """A window of a run's history by step: what a metric's history is read from."""
+
+    reports: list[ReportRow]
+    """On the run's timeline, by (step, rank)."""
+    abandoned: list[AbandonedReportRow]
+    completed: list[EventRow]
+    """``report_completed`` events (their aggregates), set aside ones included, by seq."""
+    more_from: int | None
+    """The first step with reports after the window (``None``: the window reaches the end)."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +278,8 @@ class Store(Protocol):
         """Bring the schema to the newest version (safe to call concurrently)."""
 
     def ping(self) -> None:
-        """Raise :class:`StoreBusy` unless the database answers."""
+        """Raise :class:`StoreBusy` unless the database answers and can take writes (the
+        readiness check: keep it cheap)."""
 
     def close(self) -> None: ...
 
@@ -196,8 +291,29 @@ class Store(Protocol):
 
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
-    def list_runs(self, limit: int, after: str | None) -> list[RunSummary]:
-        """Runs ordered by id, those with an id greater than ``after``."""
+    def list_runs(self, query: RunQuery) -> list[RunSummary]:
+        """Up to ``query.limit`` runs matching its filters, in its order, after ``after``."""
+
+    def heartbeat(self, run_id: str, at: str, step: int | None, finished: bool) -> RunRecord | None:
+        """Record a trainer's heartbeat (not a change of the run: ``version`` stays);
+        ``None`` when the run does not exist."""
+
+    def run_pulse(self, run_id: str) -> RunPulse | None:
+        """One point read by primary key: the run's version and status columns."""
+
+    def history(self, run_id: str, after_step: int, steps: int) -> HistoryRows | None:
+        """The reports, set-aside reports and completed-step events of the first ``steps``
+        reported steps after ``after_step``; ``None`` when the run does not exist."""
+
+    def metric_names(self, run_id: str) -> list[str] | None:
+        """Sorted names of every metric reported to the run; ``None`` when it does not exist."""
+
+    def underived(self, limit: int) -> list[tuple[str, str, str]]:
+        """``(id, spec, amendments)`` of runs from before v3 whose derived columns are unset."""
+
+    def set_derived(self, run_id: str, amendments: str, derived: DerivedColumns) -> None:
+        """Write the derived columns of a run from before v3 (unless its amendments changed
+        since they were read: the amendment's own transaction wrote them then)."""
 
     def delete_run(self, run_id: str) -> bool: ...
 

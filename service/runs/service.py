@@ -17,19 +17,35 @@ Results are domain values (:class:`Run`, :class:`ReportOutcome`, ...), never HTT
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
+import os
+import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
 from typing import Any, NamedTuple, TypeVar, cast
 
 import anyio
 from anyio import to_thread
 
-from service.runs.curve import decimate
+from service.runs.curve import decimate, decimate_sampled
 from service.runs.errors import InvalidArgument, RewindConflict, RunConflict, RunNotFound
+from service.runs.listing import (
+    DEFAULT_IDLE_AFTER,
+    Status,
+    active_since,
+    derive,
+    run_horizon,
+    run_status,
+    run_tags,
+)
 from service.runs.model import (
     AmendmentChange,
     OverrideChange,
@@ -55,6 +71,8 @@ from service.runs.model import (
 from service.runs.range_test import RangeTestCurveValues, range_test_curve, report_stop
 from service.runs.repository import (
     ReportRow,
+    RunPulse,
+    RunQuery,
     RunRecord,
     RunSummary,
     RunTx,
@@ -62,11 +80,18 @@ from service.runs.repository import (
     StoreBusy,
     WouldBlock,
     dumps,
+    utcnow,
 )
 from service.runs.timeline import Timeline
 from service.runs.values import ValuesCache
 from service.schedules import Program, ScheduleSpec
 from service.schedules.base import MAX_STEP
+from service.schedules.cost import (
+    INLINE_WORK,
+    WORK_BUDGET,
+    WorkLimitExceeded,
+    check_work,
+)
 
 T = TypeVar("T")
 
@@ -74,8 +99,73 @@ BLOCK = 1024
 """Steps per cached block for one-step reads: a block costs about what one step costs, and a
 trainer asks for step after step while every rank asks for the same one."""
 
-HEAVY_VALUES = 1 << 16
-"""Windows with more values than this (steps x series) are evaluated in a worker thread."""
+MAX_WINDOW_VALUES = 1 << 20
+"""Most values (steps x series) one window, preview or curve answers: bounds a body to about
+25 MB and the request's memory to about 150 MB (see docs/operations.md)."""
+MAX_HEAVY = 2
+"""Evaluations over ``INLINE_WORK`` run in worker threads, at most this many at once (the
+others wait for one): what bounds the memory of expensive requests together."""
+MIN_GUARANTEED_WINDOW = 256
+"""Every accepted spec answers a window of this many steps at step 0 within the budget."""
+MIN_GUARANTEED_STEP = 1 << 20
+"""... and a single step at any step below this one (a recursion's cost grows with the step)."""
+MAX_SPEC_NODES = 4096
+"""Most schedule nodes one spec (every part together) may have."""
+
+
+def check_values(series: int, count: int, what: str) -> None:
+    """Refuse an answer of more than ``MAX_WINDOW_VALUES`` values (``count`` steps of
+    ``series`` series), naming the largest count that fits."""
+    if count * series > MAX_WINDOW_VALUES:
+        fits = max(1, MAX_WINDOW_VALUES // max(series, 1))
+        raise WorkLimitExceeded(
+            what,
+            "values",
+            count * series,
+            MAX_WINDOW_VALUES,
+            f"the run has {series} series (groups x fields): ask for count <= {fits}",
+            fits,
+        )
+
+
+def check_spec_limits(
+    program: Program, budget: int = WORK_BUDGET, horizon: int | None = None
+) -> None:
+    """Refuse a spec that an accepted run could not serve within the work budget: more than
+    ``MAX_SPEC_NODES`` nodes, a ``MIN_GUARANTEED_WINDOW``-step window over the budget, or a
+    recursion whose single step at ``MIN_GUARANTEED_STEP`` (or at the run's ``horizon``, when
+    it names an earlier end) is over it.
+
+    A run that says how long it trains (``metadata.total_steps``, or a schedule with an end)
+    is held to its own length: a ChainedScheduler that scans is accepted for the steps it will
+    be asked for, and a request past its end is refused when it comes, with the same message.
+    """
+    if program.nodes > MAX_SPEC_NODES:
+        raise WorkLimitExceeded(
+            "this spec",
+            "spec nodes",
+            program.nodes,
+            MAX_SPEC_NODES,
+            "split the schedule, or write repeated children as one node (StepLR with a "
+            "smaller gamma, MultiStepLR with its milestones)",
+        )
+    window = MIN_GUARANTEED_WINDOW
+    check_work(program, 0, window, budget, f"a {window}-step window of this spec")
+    guaranteed = MIN_GUARANTEED_STEP if horizon is None else min(MIN_GUARANTEED_STEP, horizon)
+    last = max(guaranteed - 1, 0)
+    try:
+        check_work(program, last, 1, budget, "one step")
+    except WorkLimitExceeded as exc:
+        raise WorkLimitExceeded(
+            f"one step at step {last:,} of this spec",
+            exc.limit,
+            exc.amount,
+            exc.maximum,
+            "it is evaluated step by step from the start (MultiplicativeLR, or a "
+            "ChainedScheduler with a child that adds to the lr): set metadata.total_steps to "
+            "the run's length when it is shorter, use fewer groups, a shorter expression or a "
+            "closed-form schedule, or raise the server's LRSERVE_MAX_REQUEST_WORK",
+        ) from None
 
 
 # -- domain values -----------------------------------------------------------------------
@@ -102,9 +192,34 @@ class Run:
     branch: int
     created_at: str
     updated_at: str
+    last_report_at: str | None = None
+    heartbeat_at: str | None = None
+    heartbeat_step: int | None = None
+    finished: bool = False
+    """A heartbeat said the job finished (see :func:`~service.runs.listing.run_status`)."""
+    horizon: int | None = None
+    tags: tuple[str, ...] = ()
+    active_since: str = ""
+    """Activity at or after this makes the run ``running`` (``Runs`` sets it when it reads the
+    run; empty: the default ``idle_after`` from now)."""
+
+    @property
+    def status(self) -> Status:
+        """``running``, ``idle`` or ``finished`` (:func:`~service.runs.listing.run_status`)."""
+        since = self.active_since or active_since(datetime.now(timezone.utc), DEFAULT_IDLE_AFTER)
+        return run_status(
+            finished=self.finished,
+            horizon=self.horizon,
+            completed_step=self.completed_step,
+            last_report_at=self.last_report_at,
+            heartbeat_at=self.heartbeat_at,
+            active_since=since,
+        )
 
     @classmethod
-    def of(cls, record: RunRecord, state: dict[str, Any] | None = None) -> Run:
+    def of(
+        cls, record: RunRecord, state: dict[str, Any] | None = None, active_since: str = ""
+    ) -> Run:
         """The run of a stored row (``state``: the row's state already parsed, if at hand)."""
         return cls(
             id=record.id,
@@ -122,6 +237,13 @@ class Run:
             branch=record.branch,
             created_at=record.created_at,
             updated_at=record.updated_at,
+            last_report_at=record.last_report_at,
+            heartbeat_at=record.heartbeat_at,
+            heartbeat_step=record.heartbeat_step,
+            finished=record.finished,
+            horizon=run_horizon(record.spec, record.amendments),
+            tags=tuple(run_tags(compile_spec(record.spec).spec.metadata)),
+            active_since=active_since,
         )
 
     def spec_document(self) -> dict[str, Any]:
@@ -238,6 +360,8 @@ class MetricHistory:
     """``(step, value, branch)`` the metric-driven nodes saw, per completed step."""
     abandoned: list[MetricPoint]
     """Reports that rewinds set aside (an abandoned branch), by rewind, step and rank."""
+    next_after_step: int | None = None
+    """More steps follow: ask again with this ``after_step`` (``None``: this is the end)."""
 
 
 @dataclass(frozen=True)
@@ -270,15 +394,30 @@ class ReportResult:
     """``run.state`` parsed (the caller's answer evaluates with it; saves parsing it again)."""
 
 
-def create_run(store: Store, run_id: str, spec: RunSpec) -> tuple[RunRecord, bool]:
+def create_run(
+    store: Store, run_id: str, spec: RunSpec, max_work: int = WORK_BUDGET
+) -> tuple[RunRecord, bool]:
     """Create the run, or return the existing one when its normalised spec is the same.
+
+    A spec an accepted run could not serve within ``max_work`` is refused first
+    (:class:`WorkLimitExceeded`, see :func:`check_spec_limits`).
 
     Raises :class:`RunConflict` for an existing id with another spec, and lets the engine's
     ``SpecError`` through for a spec that cannot be compiled (nothing is written then).
     """
     text = spec.normalised()
     compiled = compile_spec(text)
-    record = RunRecord(id=run_id, spec=text, state=dumps(compiled.program.initial_state()))
+    derived = derive(run_id, text)
+    check_spec_limits(compiled.program, max_work, derived.horizon)
+    record = RunRecord(
+        id=run_id,
+        spec=text,
+        state=dumps(compiled.program.initial_state()),
+        horizon=derived.horizon,
+        tags=dumps(derived.tags),
+        search=derived.search,
+        metadata=derived.metadata,
+    )
     stored, created = store.create_run(record, {"world_size": spec.world_size})
     if not created and stored.spec != text:
         raise RunConflict(
@@ -289,7 +428,12 @@ def create_run(store: Store, run_id: str, spec: RunSpec) -> tuple[RunRecord, boo
 
 
 def report(
-    store: Store, run_id: str, step: int, rank: int, values: Mapping[str, float | None]
+    store: Store,
+    run_id: str,
+    step: int,
+    rank: int,
+    values: Mapping[str, float | None],
+    max_work: int = WORK_BUDGET,
 ) -> ReportResult:
     """Record one rank's report; when it completes the step, observe and decide.
 
@@ -305,6 +449,11 @@ def report(
         run = tx.run
         compiled = compile_spec(run.spec)
         check_rank(compiled, rank)
+        # The answer carries the values of step + 1: refused before anything is written. (A
+        # schedule without a recursion costs the same at every step: PUT checked that.)
+        schedule = compile_run(run.spec, run.amendments)
+        if schedule.recursive:
+            check_work(schedule, step + 1, 1, max_work, "one step")
         inserted = tx.insert_report_if_absent(
             ReportRow(step, rank, values_text, tx.now, run.branch)
         )
@@ -344,6 +493,14 @@ def report(
         assert inserted  # plan_report refuses a different report for an existing key
         run.step = step if run.step is None else max(run.step, step)
         run.version += 1
+        # The run list's columns, in the same row write (service/runs/listing.py).
+        run.last_report_at = tx.now
+        if run.finished and step > (-1 if run.finished_step is None else run.finished_step):
+            run.finished = False  # the job went on past the step it said it finished at
+        if run.metric_names is not None and values:
+            known = json.loads(run.metric_names)
+            if not set(values).issubset(known):
+                run.metric_names = dumps(sorted(set(known).union(values)))
         # The answer hands out the values of step + 1: they are leased like a window's.
         run.leased_until = max(run.leased_until, step + 2)
         if plan.completes_now:
@@ -463,8 +620,13 @@ def add_amendment(store: Store, run_id: str, change: AmendmentChange) -> tuple[R
         )
         amendments.append(amendment)
         run.amendments = dumps(amendments)
+        amended = compile_run(run.spec, run.amendments)
+        # The amended run must serve what an accepted spec serves (refused before saving).
+        horizon = run_horizon(run.spec, run.amendments)
+        check_spec_limits(amended.programs()[-1], horizon=horizon)
         # The new parts' metric-driven nodes start fresh.
-        run.state = dumps({**compile_run(run.spec, run.amendments).initial_state(), **state})
+        run.state = dumps({**amended.initial_state(), **state})
+        run.horizon = horizon
         run.version += 1
         tx.add_event(
             "amended",
@@ -528,6 +690,8 @@ def rewind(store: Store, run_id: str, change: RewindChange) -> tuple[RunRecord, 
         run.branch = number
         # The resumed job takes values from to_step on; the abandoned branch's leases end.
         run.leased_until = change.to_step + 1
+        # A job resumed from a checkpoint is not finished, whatever it said before.
+        run.finished = False
         run.version += 1
         record = {
             "n": number,
@@ -549,17 +713,38 @@ def rewind(store: Store, run_id: str, change: RewindChange) -> tuple[RunRecord, 
         return run, True
 
 
-def extend_lease(store: Store, run_id: str, until: int) -> RunRecord:
+def extend_lease(
+    store: Store, run_id: str, until: int, count: int = 1, max_work: int | None = None
+) -> RunRecord:
     """Record that values up to ``until`` (exclusive) are being handed out (rounded up to the
-    lease grain); changes from an earlier step are refused from now on."""
+    lease grain); changes from an earlier step are refused from now on. With ``max_work``,
+    the ``count`` steps before ``until`` are checked against the work limits first: a
+    window that will be refused leases nothing."""
     with store.transaction(run_id) as tx:
         if tx is None:
             raise RunNotFound(run_id)
         run = tx.run
+        if max_work is not None:
+            schedule = compile_run(run.spec, run.amendments)
+            what = "this window" if count > 1 else "one step"
+            if count > 1:
+                check_values(sum(len(f) for f in schedule.fields.values()), count, what)
+            check_work(schedule, until - count, count, max_work, what, window=count > 1)
         if until > run.leased_until:
             run.leased_until = lease_end(until)
             tx.save_lease()
         return run
+
+
+def _heartbeat(store: Store, run_id: str, rank: int, step: int | None, finished: bool) -> RunRecord:
+    run = store.get_run(run_id)
+    if run is None:
+        raise RunNotFound(run_id)
+    check_rank(compile_spec(run.spec), rank)
+    record = store.heartbeat(run_id, utcnow(), step, finished)
+    if record is None:
+        raise RunNotFound(run_id)
+    return record
 
 
 def delete_run(store: Store, run_id: str) -> None:
@@ -640,7 +825,7 @@ def sample(
         values = window(start, stop - start)
         groups = {g: {f: v.tolist() for f, v in fs.items()} for g, fs in values.items()}
         return Sampled(stop - start, None, groups)
-    steps, groups = decimate(window, start, stop, points)
+    steps, groups = decimate(window, start, stop, points, MAX_WINDOW_VALUES)
     return Sampled(len(steps), steps, groups)
 
 
@@ -651,6 +836,7 @@ async def preview(
     points: int | None,
     stop: int | None,
     max_span: int,
+    max_work: int = WORK_BUDGET,
 ) -> Sampled:
     """A spec's values without a run: ``count`` steps from ``start`` (default 100), or about
     ``points`` steps of ``[start, stop)`` (a span of at most ``max_span``)."""
@@ -660,7 +846,10 @@ async def preview(
         raise InvalidArgument(("points",), "stop needs points")
     if points is not None and stop is None:
         raise InvalidArgument(("stop",), "points needs stop")
-    program = Program(spec)
+    program = await to_thread.run_sync(Program, spec)
+    # A preview is asked once, for its own span: the spec is held to that span only.
+    end = stop if stop is not None else start + (count if count is not None else 100)
+    check_spec_limits(program, max_work, horizon=max(end, 1))
     state = program.initial_state()
 
     def window(a: int, n: int) -> Values:
@@ -669,9 +858,42 @@ async def preview(
     if points is not None:
         assert stop is not None
         check_span(start, stop, max_span)
-        return await to_thread.run_sync(sample, window, start, stop, points)
+        check_work(program, start, stop - start, max_work, "this preview")
+        return await heavy(sample, window, start, stop, points)
     n = 100 if count is None else count
-    return await to_thread.run_sync(sample, window, start, start + n, None)
+    check_values(program.series, n, "this preview")
+    check_work(program, start, n, max_work, "this preview", window=True)
+    return await heavy(sample, window, start, start + n, None)
+
+
+def _lower_priority() -> None:
+    # Linux gives each thread its own nice value (PRIO_PROCESS, 0 is the calling thread):
+    # on a busy machine the event loop's thread is scheduled before an evaluation's.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, 0, 10)
+    # Once evaluations compete with the event loop for the GIL, the loop waits at most 1 ms
+    # for it (Python's default, 5 ms, is paid again at every socket operation of a request).
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+
+
+_HEAVY_POOL = ThreadPoolExecutor(
+    MAX_HEAVY, thread_name_prefix="lrserve-heavy", initializer=_lower_priority
+)
+"""Expensive evaluations: ``MAX_HEAVY`` threads of lower priority; the others queue."""
+
+
+async def heavy(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in one of the ``MAX_HEAVY`` evaluation threads (an expensive window,
+    curve or preview): the event loop (and ``/healthz``) never waits on it, and at most
+    ``MAX_HEAVY`` such evaluations hold memory at once."""
+    return await asyncio.get_running_loop().run_in_executor(_HEAVY_POOL, partial(fn, *args))
+
+
+async def _evaluate(work: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` inline when ``work`` is small (the hot path), else in :func:`heavy`."""
+    if work <= INLINE_WORK:
+        return fn(*args)
+    return await heavy(fn, *args)
 
 
 def check_span(start: int, stop: int, max_span: int) -> None:
@@ -706,12 +928,19 @@ class Runs:
         max_wait_seconds: float = 300.0,
         wait_poll_seconds: float = 0.02,
         max_curve_span: int = 10_000_000,
+        max_work: int = WORK_BUDGET,
+        idle_after: float = 300.0,
     ) -> None:
         self.store = store
         self.cache = cache if cache is not None else ValuesCache()
         self.max_wait_seconds = max_wait_seconds
         self.wait_poll_seconds = wait_poll_seconds
         self.max_curve_span = max_curve_span
+        self.max_work = max_work
+        self.idle_after = idle_after
+        """Seconds without a report or heartbeat after which a run is ``idle``."""
+        self._derived = False
+        self._deriving = anyio.Lock()
 
     # -- where calls run ------------------------------------------------------------------
 
@@ -747,45 +976,97 @@ class Runs:
 
     async def create(self, run_id: str, spec: RunSpec) -> tuple[Run, bool]:
         """Create a run idempotently; ``(run, created)``."""
-        record, created = await self._write(create_run, self.store, run_id, spec)
-        return Run.of(record), created
+        record, created = await self._write(create_run, self.store, run_id, spec, self.max_work)
+        return self._of(record), created
 
     async def get(self, run_id: str) -> Run:
         record = await self._read(self.store.get_run, run_id)
         if record is None:
             raise RunNotFound(run_id)
-        return Run.of(record)
+        return self._of(record)
 
-    async def list_runs(self, limit: int, after: str | None) -> tuple[list[RunSummary], bool]:
-        """Up to ``limit`` runs by id after ``after``, and whether more follow."""
-        rows = await self._read(self.store.list_runs, limit + 1, after)
-        return rows[:limit], len(rows) > limit
+    def active_since(self) -> str:
+        """Activity at or after this time (stored format) makes a run ``running`` now."""
+        return active_since(datetime.now(timezone.utc), self.idle_after)
+
+    def _of(self, record: RunRecord) -> Run:
+        return Run.of(record, active_since=self.active_since())
+
+    def status(self, run: Run | RunSummary | RunPulse, since: str | None = None) -> Status:
+        """The run's status now (``since``: :meth:`active_since`, when already taken)."""
+        return run_status(
+            finished=run.finished,
+            horizon=run.horizon,
+            completed_step=run.completed_step,
+            last_report_at=run.last_report_at,
+            heartbeat_at=run.heartbeat_at,
+            active_since=self.active_since() if since is None else since,
+        )
+
+    async def list_runs(self, query: RunQuery) -> tuple[list[RunSummary], bool]:
+        """Up to ``query.limit`` runs matching it (filters, order and status in SQL, with
+        ``query.active_since`` the status threshold), and whether more follow."""
+        await self._derive_old_runs()
+        wider = dataclasses.replace(query, limit=query.limit + 1)
+        # Up to 1000 rows with a LIKE scan: a worker thread, whatever the store.
+        rows = await to_thread.run_sync(self.store.list_runs, wider)
+        return rows[: query.limit], len(rows) > query.limit
+
+    async def _derive_old_runs(self) -> None:
+        """Fill the run list's columns of runs created before schema v3 (once per process)."""
+        if self._derived:
+            return
+        async with self._deriving:
+            while not self._derived:
+                batch = await to_thread.run_sync(self.store.underived, 500)
+                for run_id, spec_text, amendments in batch:
+                    derived = derive(run_id, spec_text, amendments)
+                    await to_thread.run_sync(self.store.set_derived, run_id, amendments, derived)
+                self._derived = len(batch) < 500
+
+    async def heartbeat(self, run_id: str, rank: int, step: int | None, finished: bool) -> Run:
+        """Record that a trainer is alive (and, with ``finished``, done); the run's
+        ``version`` does not change (trainers' cached windows stay valid)."""
+        record = await self._write(_heartbeat, self.store, run_id, rank, step, finished)
+        return self._of(record)
+
+    async def pulse(self, run_id: str) -> RunPulse | None:
+        """The cheap point read a live view polls (``None``: the run is gone)."""
+        return await self._read(self.store.run_pulse, run_id)
+
+    async def metric_names(self, run_id: str) -> list[str]:
+        """Sorted names of every metric reported to the run."""
+        # A run from before schema v3 reads them from its reports: off the loop.
+        names = await to_thread.run_sync(self.store.metric_names, run_id)
+        if names is None:
+            raise RunNotFound(run_id)
+        return names
 
     async def delete(self, run_id: str) -> None:
         await self._write(delete_run, self.store, run_id)
 
     async def add_override(self, run_id: str, change: OverrideChange) -> Run:
-        return Run.of(await self._write(add_override, self.store, run_id, change))
+        return self._of(await self._write(add_override, self.store, run_id, change))
 
     async def withdraw_override(
         self, run_id: str, n: int, from_step: int | None
     ) -> tuple[Run, dict[str, Any]]:
         """Withdraw override ``n`` from ``from_step`` (default: the earliest guaranteed step)."""
         record, override = await self._write(remove_override, self.store, run_id, n, from_step)
-        return Run.of(record), override
+        return self._of(record), override
 
     async def amend(self, run_id: str, change: AmendmentChange) -> tuple[Run, bool]:
         """Amend the schedule from a step on; ``(run, created)`` (idempotent)."""
         # Compiling the amendment (and, with base "current", evaluating the step before it)
         # may take milliseconds: always in a worker thread.
         record, created = await to_thread.run_sync(add_amendment, self.store, run_id, change)
-        return Run.of(record), created
+        return self._of(record), created
 
     async def rewind(self, run_id: str, change: RewindChange) -> tuple[Run, bool]:
         """Take the run back to a step; ``(run, rewound)`` (idempotent by key)."""
         # Replays every completed step kept: a worker thread, however long the run.
         record, rewound = await to_thread.run_sync(rewind, self.store, run_id, change)
-        return Run.of(record), rewound
+        return self._of(record), rewound
 
     async def dry_run(
         self, run_id: str, change: Change, start: int, stop: int | None, points: int
@@ -797,12 +1078,13 @@ class Runs:
             check_span(start, stop, self.max_curve_span)
         transaction = _transaction_of(change)
         before, after = await to_thread.run_sync(dry_run, self.store, run_id, transaction)
-        old, new = Run.of(before), Run.of(after)
+        old, new = self._of(before), self._of(after)
         stop = max(1000, (old.step or 0) + 1) if stop is None else stop
         check_span(start, stop, self.max_curve_span)
         curves = []
         for run in (old, new):
-            sampled = await to_thread.run_sync(sample, run.values, start, stop, points)
+            check_work(run.schedule, start, stop - start, self.max_work, "this dry run's curve")
+            sampled = await heavy(sample, run.values, start, stop, points)
             assert sampled.steps is not None
             steps, groups = sampled.steps, sampled.groups
             curves.append(CurveValues(run.id, run.version, start, stop, steps, groups))
@@ -822,7 +1104,9 @@ class Runs:
         if until <= known.leased_until:
             return known, count
         try:
-            record = await self._write(extend_lease, self.store, run_id, until)
+            record = await self._write(
+                extend_lease, self.store, run_id, until, count, self.max_work
+            )
         except StoreBusy:
             if known.leased_until <= start:
                 raise StoreBusy(
@@ -842,10 +1126,15 @@ class Runs:
         rank: int,
         values: Mapping[str, float | None],
         wait: float = 0.0,
+        abandoned: Callable[[], Awaitable[bool]] | None = None,
     ) -> ReportOutcome:
         """Record a report; with ``wait`` (seconds), answer once the step is complete or the
-        wait is over. The outcome carries every group's values at ``step + 1``."""
-        result = await self._write(report, self.store, run_id, step, rank, values)
+        wait is over. The outcome carries every group's values at ``step + 1``.
+
+        ``abandoned`` (asked before every poll of a wait) ends the wait early when it says
+        True: the client went away, so nobody would read the answer.
+        """
+        result = await self._write(report, self.store, run_id, step, rank, values, self.max_work)
         run, complete, ranks, decision = (
             result.run,
             result.complete,
@@ -853,7 +1142,9 @@ class Runs:
             result.decision,
         )
         if not complete and wait > 0:
-            status = await self._wait_for_step(run_id, step, min(wait, self.max_wait_seconds))
+            status = await self._wait_for_step(
+                run_id, step, min(wait, self.max_wait_seconds), abandoned
+            )
             if status is not None:
                 run, complete, ranks, decision = status
         if complete and decision is None:
@@ -884,12 +1175,19 @@ class Runs:
         )
 
     async def _wait_for_step(
-        self, run_id: str, step: int, timeout: float
+        self,
+        run_id: str,
+        step: int,
+        timeout: float,
+        abandoned: Callable[[], Awaitable[bool]] | None = None,
     ) -> tuple[RunRecord, bool, int, dict[str, Any] | None] | None:
-        """The step's status once it completes within ``timeout``, else ``None``."""
+        """The step's status once it completes within ``timeout``, else ``None`` (also as soon
+        as ``abandoned()`` says so: a wait nobody will read must not keep polling)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             await anyio.sleep(min(self.wait_poll_seconds, max(0.0, deadline - time.monotonic())))
+            if abandoned is not None and await abandoned():
+                return None
             exists, completed = await self._read(self.store.completed_step, run_id)
             if not exists:
                 raise RunNotFound(run_id)
@@ -918,7 +1216,16 @@ class Runs:
         version = known.version
         if values is None:
             run = await self.get(run_id)
-            values = run.values(first, min(BLOCK, MAX_STEP - first))
+            n = min(BLOCK, MAX_STEP - first)
+            work = run.schedule.work(first, n)
+            if work > self.max_work:
+                # The block would be over the budget: the one step, if it is within it.
+                check_work(run.schedule, step, 1, self.max_work, "one step")
+                one = await _evaluate(INLINE_WORK + 1, run.values, step, 1)
+                groups = {g: {f: float(a[0]) for f, a in fs.items()} for g, fs in one.items()}
+                return StepValues(run_id, step, run.version, groups)
+            check_work(run.schedule, first, n, self.max_work, "one step")
+            values = await _evaluate(work, run.values, first, n)
             version = run.version
             self.cache.put((run_id, run.created_at, version, first), values)
         i = step - first
@@ -932,10 +1239,9 @@ class Runs:
         version = known.version
         if values is None:
             run = await self.get(run_id)
-            if count * _series(run) > HEAVY_VALUES:
-                values = await to_thread.run_sync(run.values, start, count)
-            else:
-                values = run.values(start, count)
+            check_values(_series(run), count, "this window")
+            work = check_work(run.schedule, start, count, self.max_work, "this window", window=True)
+            values = await _evaluate(work, run.values, start, count)
             version = run.version
             self.cache.put((run_id, run.created_at, version, start, count), values)
         return Window(run_id, start, count, version, values)
@@ -946,39 +1252,58 @@ class Runs:
         run = await self.get(run_id)
         stop = max(1000, (run.step or 0) + 1) if stop is None else stop
         check_span(start, stop, self.max_curve_span)
+        check_values(_series(run), min(stop - start, points), "this curve")
+        try:
+            check_work(run.schedule, start, stop - start, self.max_work, "this curve")
+        except WorkLimitExceeded:
+            # Too long to evaluate densely (a long run with many groups): sample the start of
+            # each bucket instead, as much of it as the budget allows.
+            per_bucket = _sampled_per_bucket(run.schedule, start, stop, points, self.max_work)
+            if per_bucket is None:
+                raise
+            steps, groups = await heavy(
+                decimate_sampled, run.values, start, stop, points, per_bucket
+            )
+            return CurveValues(run_id, run.version, start, stop, steps, groups)
         # Up to millions of steps of numpy work: off the event loop.
-        sampled = await to_thread.run_sync(sample, run.values, start, stop, points)
+        sampled = await heavy(sample, run.values, start, stop, points)
         assert sampled.steps is not None
         return CurveValues(run_id, run.version, start, stop, sampled.steps, sampled.groups)
 
     # -- history ----------------------------------------------------------------------------
 
-    async def metric_history(self, run_id: str, name: str) -> MetricHistory:
-        """Every report's value of ``name`` and the aggregate each completed step saw."""
-        return await to_thread.run_sync(self._metric_history, run_id, name)
+    async def metric_history(
+        self, run_id: str, name: str, after_step: int = -1, steps: int | None = None
+    ) -> MetricHistory:
+        """Every report's value of ``name`` and the aggregate each completed step saw, for
+        the first ``steps`` reported steps after ``after_step`` (``None``: all of them)."""
+        return await to_thread.run_sync(self._metric_history, run_id, name, after_step, steps)
 
-    def _metric_history(self, run_id: str, name: str) -> MetricHistory:
-        store = self.store
-        if store.run_version(run_id) is None:
+    def _metric_history(
+        self, run_id: str, name: str, after_step: int = -1, steps: int | None = None
+    ) -> MetricHistory:
+        rows = self.store.history(run_id, after_step, MAX_STEP if steps is None else steps)
+        if rows is None:
             raise RunNotFound(run_id)
         points = []
-        for r in store.reports(run_id):
+        for r in rows.reports:
             values = json.loads(r.values)
             if name in values:
                 points.append(MetricPoint(r.step, r.rank, _number(values[name]), r.branch))
         abandoned = []
-        for a in store.abandoned_reports(run_id):
+        for a in rows.abandoned:
             values = json.loads(a.values)
             if name in values:
                 abandoned.append(
                     MetricPoint(a.step, a.rank, _number(values[name]), a.branch, a.abandoned_by)
                 )
         aggregate = []
-        for e in store.events_of_type(run_id, "report_completed"):
+        for e in rows.completed:
             agg = json.loads(e.data).get("aggregate", {})
             if name in agg and e.step is not None and not e.abandoned_by:
                 aggregate.append((e.step, _number(agg[name]), e.branch))
-        return MetricHistory(run_id, name, points, aggregate, abandoned)
+        more = None if rows.more_from is None else rows.more_from - 1
+        return MetricHistory(run_id, name, points, aggregate, abandoned, more)
 
     async def events(self, run_id: str, after: int, limit: int) -> list[Event]:
         """The run's events with ``seq > after``, oldest first, at most ``limit``."""
@@ -996,6 +1321,22 @@ class Runs:
         """The run's LR range-test curve, stop step and suggestions (``NotARangeTest`` for a run
         without an ``LRRangeTest`` node). Replays up to ``num_iter`` events: off the loop."""
         return await to_thread.run_sync(range_test_curve, self.store, run_id)
+
+
+def _sampled_per_bucket(
+    schedule: Timeline, start: int, stop: int, points: int, budget: int
+) -> int | None:
+    """Steps per bucket a sampled curve can evaluate within ``budget`` (``None``: not even
+    one, or a recursion, whose every window costs the scan up to it)."""
+    if schedule.recursive:
+        return None
+    buckets = max(1, points // 2) + 1
+    fixed = schedule.work(start, 0)
+    per_step = schedule.work(start, 1) - fixed
+    steps = (budget // buckets - fixed) // max(per_step, 1)
+    if steps < 1:
+        return None
+    return int(min(steps, -(-(stop - start) // (buckets - 1))))
 
 
 def _series(run: Run) -> int:
@@ -1017,6 +1358,9 @@ __all__ = [
     "OverrideWithdrawal",
     "ReportOutcome",
     "Run",
+    "RunPulse",
+    "RunQuery",
+    "RunSummary",
     "RunVersion",
     "Runs",
     "Sampled",

@@ -190,6 +190,30 @@ class Timeline:
                         out[g][f][a - start : b - start] = series
         return out
 
+    def work(self, start: int, count: int) -> int:
+        """What evaluating ``[start, start + count)`` may cost: every program that may serve
+        part of it, over all of it (an upper bound; see :mod:`service.schedules.cost`)."""
+        if not self._segments:
+            return self.base.work(start, count)
+        programs = [self.base, *(s.shape for s in self._segments)]
+        return sum(p.work(start, count) for p in programs)
+
+    def held_bytes(self, start: int, count: int) -> int:
+        """Most memory a recursion holds at once for that window."""
+        if not self._segments:
+            return self.base.held_bytes(start, count)
+        programs = [self.base, *(s.shape for s in self._segments)]
+        return max(p.held_bytes(start, count) for p in programs)
+
+    def programs(self) -> list[Program]:
+        """The spec's program and each amendment's (over the run's initial base values)."""
+        return [self.base, *(s.shape for s in self._segments)]
+
+    @property
+    def recursive(self) -> bool:
+        """Whether any program of the run scans (see :attr:`Program.recursive`)."""
+        return self.base.recursive or any(s.shape.recursive for s in self._segments)
+
     def _owners(self, step: int) -> dict[Slot, _Segment | None]:
         """Which part serves each slot at ``step`` (``None``: the spec's own program)."""
         owners: dict[Slot, _Segment | None] = {}

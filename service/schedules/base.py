@@ -182,6 +182,19 @@ class Curve(ABC):
         for child in self.children():
             yield from child.metric_nodes()
 
+    def scanned(self, end: int) -> tuple[int, int]:
+        """An upper bound of the work model (:mod:`.cost`) for a recursion no closed form
+        replaces: ``(steps, held)``, how many steps evaluating any local steps below ``end``
+        may go through one by one (ChainedScheduler's scan, MultiplicativeLR's running
+        product), and how many of them are held in memory at once. Caches are ignored, so
+        the bound depends on the spec and ``end`` only. Default: the children's, at the same
+        ``end`` (a child's local time is never later than its parent's)."""
+        steps = held = 0
+        for child in self.children():
+            s, h = child.scanned(end)
+            steps, held = steps + s, max(held, h)
+        return steps, held
+
 
 class Chainable(Curve):
     """torch's chainable recursion, for the nodes ChainedScheduler and SequentialLR compose.

@@ -132,6 +132,9 @@ class Expr:
     _fn: _Eval
     constant: bool
     """True when no variable occurs in the expression."""
+    size: int = 1
+    """Operations one evaluation performs per element (its syntax-tree nodes): the work
+    model's weight of the expression (see :mod:`service.schedules.cost`)."""
 
     def __call__(self, **values: npt.ArrayLike) -> Array:
         """Evaluate elementwise; the result has the broadcast shape of the arguments."""
@@ -322,7 +325,11 @@ def parse(
     fn, _ = builder.build(tree.body, 0)
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     expr = Expr(
-        source=source, variables=tuple(variables), _fn=fn, constant=not (names & set(variables))
+        source=source,
+        variables=tuple(variables),
+        _fn=fn,
+        constant=not (names & set(variables)),
+        size=max(1, builder.nodes),
     )
     point = dict.fromkeys(variables, 0.0) if check_at is None else dict(check_at)
     first = float(expr(**point))

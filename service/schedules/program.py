@@ -42,6 +42,9 @@ from .base import (
     ProgramState,
     SpecError,
 )
+from .cost import PartCost, part_cost
+from .cost import held_bytes as _held_bytes
+from .cost import window_work as _window_work
 from .spec import AnySchedule
 
 MAX_GROUPS = 1024
@@ -273,6 +276,24 @@ class Program:
                     if part.field not in fields[self.group_names[i]]:
                         fields[self.group_names[i]].append(part.field)
         self.fields: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in fields.items()}
+        self.series = sum(len(v) for v in self.fields.values())
+        """Series a window answers (groups x their fields)."""
+        self._costs: tuple[PartCost, ...] = tuple(part_cost(p.curve, len(p.groups)) for p in parts)
+        self.nodes = sum(c.total_nodes for c in self._costs)
+        """Compiled schedule nodes over every part (the work model's size of the program)."""
+        self.recursive = any(c.recursive for c in self._costs)
+        """Whether a part scans (its work grows with the step, not only with the window)."""
+        # Without a recursion the work is affine in the window's length: keep its two terms,
+        # so that pricing a trainer's read costs two multiplications, not a walk of parts.
+        self._affine = (
+            None
+            if self.recursive
+            else (
+                _window_work(self._costs, self.series, 0, 1)
+                - _window_work(self._costs, self.series, 0, 0),
+                _window_work(self._costs, self.series, 0, 0),
+            )
+        )
         self.metric_names: frozenset[str] = frozenset(n.metric for n in self._metric_nodes)
         # Parts without a metric-driven node are pure functions of the step. For one step,
         # their values come from a memoised block (see _pure_block): a block costs about what
@@ -365,6 +386,18 @@ class Program:
             if i not in momentum_done and fld not in self.spec.param_schedules:
                 out[self.group_names[i]][fld] = np.full(count, self._base_momentum[i])
         return {name: {f: out[name][f] for f in self.fields[name]} for name in self.group_names}
+
+    def work(self, start: int, count: int) -> int:
+        """What evaluating and answering ``[start, start + count)`` costs (see :mod:`.cost`)."""
+        if self._affine is not None:
+            return self._affine[0] * count + self._affine[1]
+        return _window_work(self._costs, self.series, start, count)
+
+    def held_bytes(self, start: int, count: int) -> int:
+        """Most memory a recursion holds at once for that window (see :mod:`.cost`)."""
+        if not self.recursive:
+            return 0
+        return _held_bytes(self._costs, start, count)
 
     def _pure_block(self, k: int, step: int) -> Block:
         """Part ``k``'s (lr, cycled momentum) at ``step`` (shape ``(groups, 1)``), sliced from a

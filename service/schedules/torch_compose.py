@@ -41,6 +41,7 @@ from .base import (
     scan_affine,
 )
 from .piecewise import Piecewise, runs
+from .torch_lambda import chunk_steps
 
 if TYPE_CHECKING:
     from .spec import AnySchedule
@@ -135,6 +136,16 @@ class _SequentialCurve(Piecewise, Chainable):
         values = scan_affine(a, b, x0)
         return values[:, local.astype(np.int64)]
 
+    def scanned(self, end: int) -> tuple[int, int]:
+        steps, held = super().scanned(end)
+        for k, child in enumerate(self.chain):
+            start = int(self.starts[k])
+            if start > 0 and end > start and child.restart_map({}) is not None:
+                # segment_lr scans the whole segment up to its last asked step, at once.
+                n = min(end - start, MAX_SCAN)
+                steps, held = steps + n, max(held, n)
+        return steps, held
+
     def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
         t = np.asarray(t, dtype=np.float64)
         idx, local = self.segments(t)
@@ -205,18 +216,28 @@ class _ChainedCurve(Chainable):
         self.horizon = min(c.mult_horizon() for c in self.chain)
         self.stateless = not any(True for _ in self.metric_nodes())
         # Scan checkpoints when values do not depend on state, so that later windows do not
-        # rescan from the horizon: _checkpoints[i] is the lr at step horizon + (i+1)*_CHUNK - 1,
-        # where the scan chunk starting at horizon + (i+1)*_CHUNK begins. A pure function of
+        # rescan from the horizon: _checkpoints[i] is the lr at step horizon + (i+1)*chunk - 1,
+        # where the scan chunk starting at horizon + (i+1)*chunk begins. A pure function of
         # the spec; append-only under _lock (so the index of an entry never shifts), read
-        # without it; at most MAX_SCAN // _CHUNK entries.
+        # without it; at most MAX_SCAN // chunk entries.
         self._checkpoints: list[npt.NDArray[np.float64]] = []
         self._lock = threading.Lock()
+        # Scan chunks hold at most 2M values (16 MB a matrix; the scan keeps about six): up to
+        # 8 groups scan _CHUNK steps at a time as before, 1,024 groups 2,048.
+        self._chunk = chunk_steps(self.n_groups, _CHUNK)
 
     def children(self) -> Sequence[Curve]:
         return self.kids
 
     def mult_horizon(self) -> int:
         return self.horizon
+
+    def scanned(self, end: int) -> tuple[int, int]:
+        steps, held = super().scanned(end)
+        if end > self.horizon:
+            n = min(end, self.horizon + MAX_SCAN) - self.horizon
+            steps, held = steps + n, max(held, min(n, self._chunk))
+        return steps, held
 
     def _value_before(self, k: int, t: Steps, state: ProgramState) -> Matrix:
         """The chain's lr at steps ``t`` after step ``t - 1`` and the maps of children
@@ -272,14 +293,15 @@ class _ChainedCurve(Chainable):
             )
         begin, x = self._start(self.horizon, int(t[order[0]]), state)
         pos = 0
-        for lo in range(begin, end, _CHUNK):
-            hi = min(lo + _CHUNK, end)
+        chunk = self._chunk
+        for lo in range(begin, end, chunk):
+            hi = min(lo + chunk, end)
             steps = np.arange(lo, hi, dtype=np.float64)
             a, b = self.chain_map(steps, state)
             values = scan_affine(a, b, x)
             x = values[:, -1]
-            if self.stateless and hi - lo == _CHUNK and (hi - self.horizon) % _CHUNK == 0:
-                self._record((hi - self.horizon) // _CHUNK - 1, x)
+            if self.stateless and hi - lo == chunk and (hi - self.horizon) % chunk == 0:
+                self._record((hi - self.horizon) // chunk - 1, x)
             stop = pos + int(np.searchsorted(t[order[pos:]], hi, side="left"))
             if stop > pos:
                 sel = order[pos:stop]
@@ -301,9 +323,9 @@ class _ChainedCurve(Chainable):
         closed-form product at ``horizon - 1``)."""
         if self.stateless:
             # The last checkpoint at or before ``first`` (lock-free: entries never change).
-            i = min(len(self._checkpoints), (first - horizon) // _CHUNK) - 1
+            i = min(len(self._checkpoints), (first - horizon) // self._chunk) - 1
             if i >= 0:
-                return horizon + (i + 1) * _CHUNK, self._checkpoints[i]
+                return horizon + (i + 1) * self._chunk, self._checkpoints[i]
         if horizon == 0:
             return 0, self.base[:, 0].copy()
         x = self.base * self.factor(np.asarray([horizon - 1], dtype=np.float64), state)
@@ -379,6 +401,9 @@ class _EpochsCurve(Chainable):
 
     def restart_map(self, state: ProgramState) -> tuple[Matrix, Matrix] | None:
         return self.chain.restart_map(state)
+
+    def scanned(self, end: int) -> tuple[int, int]:
+        return self.child.scanned(-(-end // self.spe) + 1)
 
     def mult_horizon(self) -> int:
         if self.fractional:

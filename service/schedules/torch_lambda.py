@@ -38,6 +38,18 @@ continues as ``lr(L) * lambda ** (t - L)``; a lambda that depends on ``epoch`` h
 (64M steps of one schedule is far beyond any real run; the bound keeps a query cheap)."""
 
 _CHUNK = 1 << 16
+_CHUNK_CELLS = 1 << 21
+"""A chunk holds at most this many values (groups x steps; 16 MB): 1,024 groups accumulate
+2,048 steps at a time, not 65,536 (512 MB a matrix). The product is the same bits."""
+
+
+def chunk_steps(n_groups: int, most: int, cells: int = _CHUNK_CELLS) -> int:
+    """Steps per chunk for ``n_groups`` rows: ``most``, or the largest power of two (at least
+    256) whose chunk holds at most ``cells`` values."""
+    steps = most
+    while steps > 256 and steps * max(n_groups, 1) > cells:
+        steps //= 2
+    return steps
 
 
 def _check_expressions(value: str | list[str], first_epoch: int) -> str | list[str]:
@@ -77,7 +89,15 @@ def _compile_expressions(
 
 
 def _eval_rows(exprs: Sequence[Expr], t: Steps) -> Matrix:
-    return np.stack([e(epoch=t) for e in exprs]) if exprs else np.empty((0, len(t)))
+    if not exprs:
+        return np.empty((0, len(t)))
+    # Each distinct expression once: a run usually gives one for every group (1,024 groups
+    # cost one evaluation, not 1,024; the rows are the same bits either way).
+    rows: dict[str, np.ndarray] = {}
+    for e in exprs:
+        if e.source not in rows:
+            rows[e.source] = e(epoch=t)
+    return np.stack([rows[e.source] for e in exprs])
 
 
 class LambdaCurve(Curve):
@@ -100,14 +120,15 @@ class MultiplicativeCurve(Chainable):
         self.n_groups = len(exprs)
         self.base = np.asarray(base, dtype=np.float64)
         self.exprs = list(exprs)
-        # _checkpoints[k] = lr at step k * _CHUNK per group (k = 0 is the base): a pure
+        # _checkpoints[k] = lr at step k * chunk per group (k = 0 is the base): a pure
         # function of the spec, filled lazily in order (each needs the one before) under
         # _lock and read without it (append-only, so an entry never changes or moves once
-        # there). At most MULTIPLICATIVE_EXACT_STEPS // _CHUNK + 1 entries.
+        # there). At most MULTIPLICATIVE_EXACT_STEPS // chunk + 1 entries.
         first = self.base.copy()
         first.setflags(write=False)
         self._checkpoints: list[np.ndarray] = [first]
         self._lock = threading.Lock()
+        self._chunk_steps = chunk_steps(self.n_groups, _CHUNK)
         # The same recursion from 1 (ChainedScheduler's factor), built now, not on first use.
         unit = bool(np.all(self.base == 1.0))
         self._unit = self if unit else MultiplicativeCurve(np.ones(self.n_groups), self.exprs)
@@ -117,7 +138,7 @@ class MultiplicativeCurve(Chainable):
         return _eval_rows(self.exprs, steps)
 
     def _checkpoint(self, k: int) -> np.ndarray:
-        """The lr at step ``k * _CHUNK`` (filling the checkpoints up to ``k`` if needed)."""
+        """The lr at step ``k * chunk`` (filling the checkpoints up to ``k`` if needed)."""
         checkpoints = self._checkpoints
         if k < len(checkpoints):
             return checkpoints[k]
@@ -130,12 +151,12 @@ class MultiplicativeCurve(Chainable):
         return checkpoints[k]
 
     def _chunk(self, k: int) -> Matrix:
-        """Values at steps ``k*_CHUNK .. (k+1)*_CHUNK`` (inclusive), shape ``(G, _CHUNK+1)``."""
+        """Values at steps ``k*chunk .. (k+1)*chunk`` (inclusive), shape ``(G, chunk+1)``."""
         return self._accumulate(k, self._checkpoint(k))
 
     def _accumulate(self, k: int, start_lr: np.ndarray) -> Matrix:
-        start = k * _CHUNK
-        factors = self._factors(start + 1, start + _CHUNK + 1)
+        start = k * self._chunk_steps
+        factors = self._factors(start + 1, start + self._chunk_steps + 1)
         seq = np.concatenate([start_lr.reshape(-1, 1), factors], axis=1)
         with np.errstate(all="ignore"):
             return np.multiply.accumulate(seq, axis=1)
@@ -147,11 +168,11 @@ class MultiplicativeCurve(Chainable):
             return out
         idx = np.clip(t, 0, None)
         capped = np.minimum(idx, MULTIPLICATIVE_EXACT_STEPS).astype(np.int64)
-        chunks = capped // _CHUNK
+        chunks = capped // self._chunk_steps
         for k in np.unique(chunks):
             sel = chunks == k
             block = self._chunk(int(k))
-            out[:, sel] = block[:, capped[sel] - int(k) * _CHUNK]
+            out[:, sel] = block[:, capped[sel] - int(k) * self._chunk_steps]
         beyond = idx > MULTIPLICATIVE_EXACT_STEPS
         if beyond.any():
             last = out[:, beyond]
@@ -165,6 +186,11 @@ class MultiplicativeCurve(Chainable):
 
     def mult_horizon(self) -> int:
         return MAX_STEP
+
+    def scanned(self, end: int) -> tuple[int, int]:
+        # lr(t) accumulates every step from the last checkpoint (0 when cold) to t.
+        steps = min(max(end, 0), MULTIPLICATIVE_EXACT_STEPS + 1)
+        return steps, min(steps, self._chunk_steps)
 
     def factor(self, t: Steps, state: ProgramState) -> Matrix:
         return self._unit.lr(t, state)

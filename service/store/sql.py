@@ -13,18 +13,42 @@ from typing import Any
 
 from service.runs.repository import (
     AbandonedReportRow,
+    DerivedColumns,
     EventRow,
+    HistoryRows,
     ReportRow,
+    RunPulse,
+    RunQuery,
     RunRecord,
     RunSummary,
     StoreBusy,
     dumps,
+    loads,
     utcnow,
 )
 
 RUN_COLUMNS = (
     "id, spec, state, overrides, version, step, completed_step, event_seq, created_at, "
-    "updated_at, amendments, rewinds, leased_until, branch"
+    "updated_at, amendments, rewinds, leased_until, branch, last_report_at, heartbeat_at, "
+    "heartbeat_step, finished, finished_step, horizon, tags, search, metadata, metric_names"
+)
+SUMMARY_COLUMNS = (
+    "id, version, created_at, step, updated_at, completed_step, last_report_at, heartbeat_at, "
+    "finished, horizon, tags, metadata"
+)
+# The run list's orders: a column (NULL-free, so that keyset paging is a plain comparison)
+# backed by an index (schema v3) whose leading expression is exactly this one.
+SORT_COLUMNS = {
+    "id": "id",
+    "created": "created_at",
+    "updated": "updated_at",
+    "step": "COALESCE(step, -1)",
+}
+# A run is finished when a heartbeat said so or its completed step reached the horizon
+# (service/runs/listing.py run_status is the same rule in Python).
+FINISHED_SQL = (
+    "(finished = 1 OR (horizon IS NOT NULL AND completed_step IS NOT NULL "
+    "AND completed_step >= horizon - 1))"
 )
 EVENT_COLUMNS = "seq, type, step, at, data, branch, abandoned_by"
 
@@ -61,7 +85,84 @@ def record_of(row: Any) -> RunRecord:
         rewinds=row[11],
         leased_until=int(row[12]),
         branch=int(row[13]),
+        last_report_at=row[14],
+        heartbeat_at=row[15],
+        heartbeat_step=None if row[16] is None else int(row[16]),
+        finished=bool(row[17]),
+        finished_step=None if row[18] is None else int(row[18]),
+        horizon=None if row[19] is None else int(row[19]),
+        tags=row[20],
+        search=row[21],
+        metadata=row[22],
+        metric_names=row[23],
     )
+
+
+def summary_of(row: Any) -> RunSummary:
+    """The :class:`RunSummary` of a row selected as ``SUMMARY_COLUMNS``."""
+    return RunSummary(
+        id=row[0],
+        version=int(row[1]),
+        created_at=row[2],
+        step=None if row[3] is None else int(row[3]),
+        updated_at=row[4],
+        completed_step=None if row[5] is None else int(row[5]),
+        last_report_at=row[6],
+        heartbeat_at=row[7],
+        finished=bool(row[8]),
+        horizon=None if row[9] is None else int(row[9]),
+        tags=row[10],
+        metadata="{}" if row[11] is None else row[11],
+    )
+
+
+def _like(text: str) -> str:
+    """``text`` as a LIKE pattern matching it anywhere (``\\`` escapes ``%`` and ``_``)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def list_query(query: RunQuery) -> tuple[str, list[Any]]:
+    """The SELECT of one page of the run list and its parameters (``?`` placeholders)."""
+    where: list[str] = []
+    params: list[Any] = []
+    if query.statuses and query.statuses != {"running", "idle", "finished"}:
+        alive: list[str] = []
+        if "finished" in query.statuses:
+            alive.append(FINISHED_SQL)
+        if "running" in query.statuses:
+            alive.append(f"(NOT {FINISHED_SQL} AND active_at >= ?)")
+            params.append(query.active_since)
+        if "idle" in query.statuses:
+            alive.append(f"(NOT {FINISHED_SQL} AND (active_at IS NULL OR active_at < ?))")
+            params.append(query.active_since)
+        where.append("(" + " OR ".join(alive) + ")")
+    if query.search:
+        where.append("search LIKE ? ESCAPE '\\'")
+        params.append(_like(query.search))
+    for tag in query.tags:
+        where.append("id IN (SELECT run_id FROM run_tags WHERE tag = ?)")
+        params.append(tag)
+    column = SORT_COLUMNS[query.sort]
+    direction = "DESC" if query.descending else "ASC"
+    if query.after is not None:
+        value, last_id = query.after
+        if query.sort == "id":
+            where.append("id < ?" if query.descending else "id > ?")
+            params.append(last_id)
+        else:
+            # Row-value comparison: both dialects use the (column, id) index for it.
+            where.append(f"({column}, id) {'<' if query.descending else '>'} (?, ?)")
+            params.extend([value, last_id])
+    order = f"{column} {direction}"
+    if query.sort != "id":
+        order += f", id {direction}"
+    sql = f"SELECT {SUMMARY_COLUMNS} FROM runs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY {order} LIMIT ?"
+    params.append(query.limit)
+    return sql, params
 
 
 def event_of(row: Any) -> EventRow:
@@ -188,11 +289,13 @@ class SqlTx:
     def save(self) -> None:
         run = self.run
         run.updated_at = self.now
+        active = max((t for t in (run.last_report_at, run.heartbeat_at) if t), default=None)
         self._conn.execute(
             self._store.q(
                 "UPDATE runs SET state = ?, overrides = ?, version = ?, step = ?, "
                 "completed_step = ?, event_seq = ?, updated_at = ?, amendments = ?, "
-                "rewinds = ?, leased_until = ?, branch = ? WHERE id = ?"
+                "rewinds = ?, leased_until = ?, branch = ?, last_report_at = ?, active_at = ?, "
+                "finished = ?, finished_step = ?, horizon = ?, metric_names = ? WHERE id = ?"
             ),
             (
                 run.state,
@@ -206,6 +309,12 @@ class SqlTx:
                 run.rewinds,
                 run.leased_until,
                 run.branch,
+                run.last_report_at,
+                active,
+                int(run.finished),
+                run.finished_step,
+                run.horizon,
+                run.metric_names,
                 run.id,
             ),
         )
@@ -291,6 +400,11 @@ class SqlStore(ABC):
             record.event_seq = 1
             if self.insert_run_if_absent(conn, record):
                 self.insert_event(conn, record.id, 1, "created", None, event_data)
+                for tag in loads(record.tags):
+                    conn.execute(
+                        self.q("INSERT INTO run_tags (tag, run_id) VALUES (?, ?)"),
+                        (tag, record.id),
+                    )
                 return record, True
             row = conn.execute(
                 self.q(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"), (record.id,)
@@ -325,24 +439,160 @@ class SqlStore(ABC):
             return False, None
         return True, None if row[0] is None else int(row[0])
 
-    def list_runs(self, limit: int, after: str | None) -> list[RunSummary]:
+    def list_runs(self, query: RunQuery) -> list[RunSummary]:
+        sql, params = list_query(query)
         with self.errors(), self.read_conn() as conn:
-            if after is None:
-                rows = conn.execute(
-                    self.q("SELECT id, version, created_at, step FROM runs ORDER BY id LIMIT ?"),
-                    (limit,),
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    self.q(
-                        "SELECT id, version, created_at, step FROM runs WHERE id > ? "
-                        "ORDER BY id LIMIT ?"
+            rows = conn.execute(self.q(sql), params).fetchall()
+        return [summary_of(r) for r in rows]
+
+    def heartbeat(self, run_id: str, at: str, step: int | None, finished: bool) -> RunRecord | None:
+        with self.errors(), self.write_conn() as conn:
+            row = conn.execute(
+                self.q(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?{self.lock_suffix}"),
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            run = record_of(row)
+            run.heartbeat_at = at
+            if step is not None:
+                run.heartbeat_step = step
+            if finished:
+                run.finished = True
+                run.finished_step = step if step is not None else run.step
+            elif run.finished and step is not None and step > (run.finished_step or -1):
+                run.finished = False  # the job goes on past the step it said it finished at
+            active = max(t for t in (run.last_report_at, at) if t)
+            # Bookkeeping, not a change of the run: version and updated_at stay.
+            conn.execute(
+                self.q(
+                    "UPDATE runs SET heartbeat_at = ?, heartbeat_step = ?, active_at = ?, "
+                    "finished = ?, finished_step = ? WHERE id = ?"
+                ),
+                (at, run.heartbeat_step, active, int(run.finished), run.finished_step, run_id),
+            )
+            return run
+
+    def run_pulse(self, run_id: str) -> RunPulse | None:
+        with self.errors(), self.read_conn() as conn:
+            row = conn.execute(
+                self.q(
+                    "SELECT version, created_at, step, completed_step, branch, last_report_at, "
+                    "heartbeat_at, finished, horizon FROM runs WHERE id = ?"
+                ),
+                (run_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return RunPulse(
+            int(row[0]),
+            row[1],
+            None if row[2] is None else int(row[2]),
+            None if row[3] is None else int(row[3]),
+            int(row[4]),
+            row[5],
+            row[6],
+            bool(row[7]),
+            None if row[8] is None else int(row[8]),
+        )
+
+    def history(self, run_id: str, after_step: int, steps: int) -> HistoryRows | None:
+        q = self.q
+        with self.errors(), self.read_conn() as conn:
+            if conn.execute(q("SELECT 1 FROM runs WHERE id = ?"), (run_id,)).fetchone() is None:
+                return None
+            # The first step beyond the window: a range scan of the reports' primary key.
+            cut_row = conn.execute(
+                q(
+                    "SELECT DISTINCT step FROM reports WHERE run_id = ? AND step > ? "
+                    "ORDER BY step LIMIT 1 OFFSET ?"
+                ),
+                (run_id, after_step, steps),
+            ).fetchone()
+            cut = None if cut_row is None else int(cut_row[0])
+            until = cut if cut is not None else (1 << 62)
+            window = (run_id, after_step, until)
+            reports = [
+                ReportRow(int(r[0]), int(r[1]), r[2], r[3], int(r[4]))
+                for r in conn.execute(
+                    q(
+                        'SELECT step, rank, "values", received_at, branch FROM reports '
+                        "WHERE run_id = ? AND step > ? AND step < ? ORDER BY step, rank"
                     ),
-                    (after, limit),
+                    window,
                 ).fetchall()
-        return [
-            RunSummary(r[0], int(r[1]), r[2], None if r[3] is None else int(r[3])) for r in rows
-        ]
+            ]
+            abandoned = [
+                AbandonedReportRow(int(r[0]), int(r[1]), r[2], r[3], int(r[4]), int(r[5]))
+                for r in conn.execute(
+                    q(
+                        'SELECT step, rank, "values", received_at, branch, abandoned_by '
+                        "FROM abandoned_reports WHERE run_id = ? AND step > ? AND step < ? "
+                        "ORDER BY abandoned_by, step, rank"
+                    ),
+                    window,
+                ).fetchall()
+            ]
+            completed = [
+                event_of(r)
+                for r in conn.execute(
+                    q(
+                        f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? "
+                        "AND type = 'report_completed' AND step > ? AND step < ? ORDER BY seq"
+                    ),
+                    window,
+                ).fetchall()
+            ]
+        return HistoryRows(reports, abandoned, completed, cut)
+
+    def metric_names(self, run_id: str) -> list[str] | None:
+        with self.errors(), self.read_conn() as conn:
+            row = conn.execute(
+                self.q("SELECT metric_names FROM runs WHERE id = ?"), (run_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            if row[0] is not None:
+                return list(loads(row[0]))
+            # A run from before schema v3: its names are only in its reports.
+            names: set[str] = set()
+            for table in ("reports", "abandoned_reports"):
+                for (values,) in conn.execute(
+                    self.q(f'SELECT "values" FROM {table} WHERE run_id = ?'), (run_id,)
+                ):
+                    names.update(loads(values))
+        return sorted(names)
+
+    def underived(self, limit: int) -> list[tuple[str, str, str]]:
+        with self.errors(), self.read_conn() as conn:
+            rows = conn.execute(
+                self.q("SELECT id, spec, amendments FROM runs WHERE metadata IS NULL LIMIT ?"),
+                (limit,),
+            ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def set_derived(self, run_id: str, amendments: str, derived: DerivedColumns) -> None:
+        with self.errors(), self.write_conn() as conn:
+            cur = conn.execute(
+                self.q(
+                    "UPDATE runs SET horizon = ?, tags = ?, search = ?, metadata = ? "
+                    "WHERE id = ? AND metadata IS NULL AND amendments = ?"
+                ),
+                (
+                    derived.horizon,
+                    dumps(derived.tags),
+                    derived.search,
+                    derived.metadata,
+                    run_id,
+                    amendments,
+                ),
+            )
+            if cur.rowcount:
+                conn.execute(self.q("DELETE FROM run_tags WHERE run_id = ?"), (run_id,))
+                for tag in derived.tags:
+                    conn.execute(
+                        self.q("INSERT INTO run_tags (tag, run_id) VALUES (?, ?)"), (tag, run_id)
+                    )
 
     def delete_run(self, run_id: str) -> bool:
         with self.errors(), self.write_conn() as conn:
@@ -356,6 +606,7 @@ class SqlStore(ABC):
             conn.execute(self.q("DELETE FROM reports WHERE run_id = ?"), (run_id,))
             conn.execute(self.q("DELETE FROM abandoned_reports WHERE run_id = ?"), (run_id,))
             conn.execute(self.q("DELETE FROM events WHERE run_id = ?"), (run_id,))
+            conn.execute(self.q("DELETE FROM run_tags WHERE run_id = ?"), (run_id,))
             cur = conn.execute(self.q("DELETE FROM runs WHERE id = ?"), (run_id,))
             return bool(cur.rowcount)
 

@@ -5,13 +5,20 @@ IMMEDIATE`` so two reports never both read a run and then fail to upgrade their 
 writer that still cannot get the lock within ``busy_timeout`` becomes :class:`StoreBusy`
 (503 + Retry-After). Several uvicorn workers may share one file: SQLite's own lock is the
 only serialisation, nothing process-local.
+
+Faults of the file system are told apart from a busy database: a directory the server may not
+write, a read-only file system or a file that is no SQLite database refuse the start
+(:class:`StoreFault`, with the fix in the message); a full disk is a 503 that recovers, and
+:meth:`SqliteStore.ping` (``/readyz``) fails while free space is below ``min_free_bytes``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,10 +27,17 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
-from service.runs.repository import RunRecord, StoreBusy, StoreError, WouldBlock
+from service.runs.repository import RunRecord, StoreBusy, StoreError, StoreFault, WouldBlock
 from service.store.sql import RUN_COLUMNS, SqlStore, SqlTx, record_of
 
 _BUSY_MARKERS = ("locked", "busy")
+
+# SQLite's primary result codes (the low byte of an extended code) for file-system faults.
+_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 3, 8, 10, 11
+_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
+_FS_CODES = frozenset({_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN})
+DISK_FULL_HOLD_S = 5.0
+"""How long after a write failed for a full disk ``ping`` keeps answering not ready."""
 
 
 def sqlite_path(url: str) -> str:
@@ -50,18 +64,25 @@ class SqliteStore(SqlStore):
     checkpoint_every = 1024
     """Inline commits between two background WAL checkpoints (the loop never fsyncs)."""
 
-    def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
+    def __init__(
+        self, url: str, busy_timeout_ms: int = 5000, min_free_bytes: int = 32 * 1024 * 1024
+    ) -> None:
         self.path = sqlite_path(url)
         self.busy_timeout_ms = busy_timeout_ms
+        self.min_free_bytes = min_free_bytes
+        self._disk_full_at = -DISK_FULL_HOLD_S  # monotonic time of the last SQLITE_FULL
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._inline_commits = 0
         self._checkpointer: ThreadPoolExecutor | None = None
-        parent = os.path.dirname(os.path.abspath(self.path))
+        self.directory = parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
-            raise ValueError(f"the directory of the SQLite database does not exist: {parent}")
+            raise ValueError(
+                f"the directory of the SQLite database does not exist: {parent} (create it, "
+                "or set LRSERVE_DATABASE to a file in an existing directory)"
+            )
 
     def _connection(self) -> sqlite3.Connection:
         if getattr(self._local, "nowait", False):
@@ -126,7 +147,20 @@ class SqliteStore(SqlStore):
             self._checkpointer.submit(self._checkpoint)
 
     def _translate(self, exc: sqlite3.DatabaseError) -> StoreError:
-        """The store's error for a driver error (busy/locked: retry later, 503)."""
+        """The store's error for a driver error: busy/locked, a full disk and file-system
+        faults are :class:`StoreBusy` (503 + Retry-After, nothing written), with a detail
+        that says what is wrong; anything else a :class:`StoreError`."""
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        if code == _SQLITE_FULL:
+            self._disk_full_at = time.monotonic()
+            return StoreBusy(
+                f"the disk holding the SQLite database is full ({self.directory}); nothing was "
+                "written: free space there",
+                retry_after=5,
+            )
+        if code in _FS_CODES:
+            fault = self.file_fault(probe=False)
+            return StoreBusy(fault[0] if fault else f"the SQLite database cannot be written: {exc}")
         if isinstance(exc, sqlite3.OperationalError):
             text = str(exc).lower()
             if any(m in text for m in _BUSY_MARKERS):
@@ -135,6 +169,101 @@ class SqliteStore(SqlStore):
                 return StoreBusy("the SQLite database is locked by another writer")
             return StoreBusy(f"the SQLite database is unavailable: {exc}")
         return StoreError(f"SQLite error: {exc}")
+
+    def file_fault(self, probe: bool, directory: bool = True) -> tuple[str, bool] | None:
+        """Why the server cannot write its database file, with the fix, and whether waiting
+        cannot help (anything but a full disk); None when it can write.
+
+        SQLite in WAL mode writes the file and creates ``-wal`` and ``-shm`` files beside it,
+        so the directory must be writable too. ``probe`` creates (and removes) a file in the
+        directory, which tells permission, read-only file system and a full disk apart where
+        ``os.access`` cannot (root passes every permission check of ``access``); without it
+        the check costs a few ``access`` calls. ``directory=False`` leaves out whether new
+        files can be made there: a running server keeps its ``-wal`` open, so it writes on
+        while the directory is not writable (the next start refuses).
+        """
+        where = self.directory
+        uid = os.geteuid() if hasattr(os, "geteuid") else "of the server"
+        fix = "or set LRSERVE_DATABASE to a writable path"
+        if not os.path.isdir(where):
+            return (
+                f"cannot write {self.path}: the directory {where} does not exist (a volume "
+                f"not mounted?) — create it {fix}",
+                True,
+            )
+        failed: OSError | None = None
+        if probe:
+            try:
+                fd, test = tempfile.mkstemp(prefix=".lrserve-write-test-", dir=where)
+                try:
+                    os.write(fd, b"x")
+                finally:
+                    os.close(fd)
+                    os.unlink(test)
+            except OSError as exc:
+                failed = exc
+        elif directory and not os.access(where, os.W_OK | os.X_OK):
+            failed = OSError(errno.EACCES, "permission denied")
+        if failed is None:
+            for name in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+                try:
+                    if probe:
+                        os.close(os.open(name, os.O_RDWR))
+                    elif os.path.exists(name) and not os.access(name, os.R_OK | os.W_OK):
+                        raise OSError(errno.EACCES, "permission denied")
+                except FileNotFoundError:
+                    continue  # not there (yet, or any more: the last connection removes -wal)
+                except OSError as exc:
+                    failed, where = exc, name
+                    break
+        if failed is None:
+            return None
+        if failed.errno == errno.EROFS:
+            message = (
+                f"cannot write {self.path}: {where} is on a read-only file system — mount the "
+                f"volume read-write (with a read-only root file system, put a writable volume "
+                f"at {self.directory}) {fix}"
+            )
+        elif failed.errno in (errno.EACCES, errno.EPERM):
+            message = (
+                f"cannot write {self.path}: permission denied on {where} — make it writable "
+                f"by uid {uid} (the user the server runs as) {fix}"
+            )
+        elif failed.errno in (errno.ENOSPC, errno.EDQUOT):
+            return (
+                f"cannot write {self.path}: no space left on {self.directory} — free space",
+                False,
+            )
+        else:
+            message = f"cannot write {self.path}: {failed.strerror or failed} ({where}) {fix}"
+        return message, True
+
+    def ping(self) -> None:
+        """The database answers, its files can be written and the disk has room: a read, a
+        few ``access`` calls and a ``statvfs``, no write (the readiness probe polls this)."""
+        with self.errors():
+            self._connection().execute("SELECT 1").fetchone()
+        fault = self.file_fault(probe=False, directory=False)
+        if fault is not None:
+            raise StoreBusy(fault[0])
+        if time.monotonic() - self._disk_full_at < DISK_FULL_HOLD_S:
+            raise StoreBusy(
+                f"a write failed for a full disk in the last {DISK_FULL_HOLD_S:g} s "
+                f"({self.directory}): free space there",
+                retry_after=5,
+            )
+        try:
+            st = os.statvfs(self.directory)
+        except OSError as exc:
+            raise StoreBusy(f"cannot stat {self.directory}: {exc.strerror}") from exc
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free_bytes:
+            raise StoreBusy(
+                f"{free // 1024} KiB free on {self.directory}, less than the "
+                f"{self.min_free_bytes // 1024} KiB writes need (LRSERVE_MIN_FREE_BYTES): free "
+                "space there",
+                retry_after=5,
+            )
 
     @contextmanager
     def errors(self) -> Iterator[None]:
@@ -206,8 +335,9 @@ class SqliteStore(SqlStore):
     def insert_run_if_absent(self, conn: Any, record: RunRecord) -> bool:
         cur = conn.execute(
             "INSERT OR IGNORE INTO runs (id, spec, state, overrides, version, step, "
-            "completed_step, event_seq, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "completed_step, event_seq, created_at, updated_at, horizon, tags, search, metadata, "
+            "metric_names) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.id,
                 record.spec,
@@ -219,19 +349,51 @@ class SqliteStore(SqlStore):
                 record.event_seq,
                 record.created_at,
                 record.updated_at,
+                record.horizon,
+                record.tags,
+                record.search,
+                record.metadata,
+                record.metric_names,
             ),
         )
         return bool(cur.rowcount)
 
     def migrate(self) -> None:
-        with self.errors():
-            conn = self._connection()
-            # WAL is a property of the file: set it once, outside any transaction.
-            mode = self._set_wal(conn)
-            if mode is None or str(mode[0]).lower() != "wal":  # pragma: no cover
-                raise StoreError(f"could not switch {self.path} to WAL mode")
-            with self.write_conn() as wconn:
-                self.apply_migrations(wconn)
+        """Switch the file to WAL and migrate it; :class:`StoreFault` when the file cannot be
+        written where it is or is no SQLite database (waiting would not help)."""
+        fault = self.file_fault(probe=True)
+        if fault is not None:
+            raise StoreFault(fault[0]) if fault[1] else StoreBusy(fault[0], retry_after=5)
+        try:
+            with self.errors():
+                conn = self._connection()
+                # WAL is a property of the file: set it once, outside any transaction.
+                mode = self._set_wal(conn)
+                if mode is None or str(mode[0]).lower() != "wal":  # pragma: no cover
+                    raise StoreError(f"could not switch {self.path} to WAL mode")
+                with self.write_conn() as wconn:
+                    self.apply_migrations(wconn)
+        except StoreError as exc:
+            cause = exc.__cause__
+            code = (getattr(cause, "sqlite_errorcode", None) or 0) & 0xFF
+            if code in (_SQLITE_NOTADB, _SQLITE_CORRUPT):
+                raise StoreFault(
+                    f"{self.path} is not a usable SQLite database ({cause}) — point "
+                    "LRSERVE_DATABASE at lrserve's database file, or restore it from a backup"
+                ) from exc
+            if code in _FS_CODES:
+                # The probe passed, so something else refuses (a file SQLite opened read-only,
+                # a lock it cannot take): name what SQLite says.
+                fault = self.file_fault(probe=True)
+                if fault is not None and not fault[1]:
+                    raise
+                raise StoreFault(
+                    fault[0]
+                    if fault
+                    else f"cannot write {self.path}: {cause} — check the permissions and the "
+                    "mount of the file and its directory, or set LRSERVE_DATABASE"
+                ) from exc
+            raise
 
     def _set_wal(self, conn: sqlite3.Connection) -> Any:
         # Switching a fresh file to WAL while another process or thread does the same may

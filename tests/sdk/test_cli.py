@@ -118,7 +118,8 @@ def test_env_url_and_token(
     monkeypatch.setenv("LRSERVE_URL", scripted.url)
     monkeypatch.setenv("LRSERVE_TOKEN", "tok")
     code, out, _ = run_cli(capsys, "runs")
-    assert code == 0 and out.splitlines()[1].split() == ["a", "2", "-", "-"]
+    # (The table's columns are the runs command's business: here, that the run is listed.)
+    assert code == 0 and out.splitlines()[1].split()[0] == "a" and "2" in out.splitlines()[1]
     code, _, _ = run_cli(capsys, "runs", "--token", "other")
     assert code == 0
     assert [s.headers["authorization"] for s in scripted.seen] == ["Bearer tok", "Bearer other"]
@@ -163,3 +164,156 @@ def test_python_dash_m_lrserve(dead_url: str) -> None:
     )
     assert proc.returncode == 3, proc.stderr
     assert "cannot connect" in proc.stderr
+
+
+# -- issue 14: CLI polish ------------------------------------------------------------------
+
+
+def test_a_validation_error_is_printed_once(
+    scripted: ScriptedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # lrserve's detail is the first field error itself; the lines below list the others.
+    errors = [
+        {"loc": ["body", "step"], "msg": "must be >= 0"},
+        {"loc": ["body", "rank"], "msg": "must be <= 4095"},
+    ]
+    scripted.play(
+        Reply.problem(422, "validation-error", "body.step: must be >= 0 (and 1 more)", errors)
+    )
+    code, _, err = run_cli(capsys, "--url", scripted.url, "report", "r1", "--step", "1", "x=1")
+    assert code == 1
+    assert err.count("body.step: must be >= 0") == 1, err
+    assert err.count("body.rank: must be <= 4095") == 1, err
+    assert err.splitlines() == [
+        "lrserve report: error: 422 Validation error: body.step: must be >= 0 (and 1 more)",
+        "  body.rank: must be <= 4095",
+    ]
+
+
+def _spec_file(tmp_path: Path, value: object) -> str:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+PREVIEW_ANSWER = {"start": 0, "count": 1, "groups": {"default": {"lr": [1.0]}}}
+STEP_NODE = {"type": "StepLR", "step_size": 3}
+
+
+@pytest.mark.parametrize(
+    ("options", "groups"),
+    [
+        ([], [{"name": "default", "lr": 1.0}]),
+        (["--lr", "0.1"], [{"name": "default", "lr": 0.1}]),
+        (
+            ["--group", "backbone=0.01", "--group", "head=0.1"],
+            [{"name": "backbone", "lr": 0.01}, {"name": "head", "lr": 0.1}],
+        ),
+    ],
+)
+def test_preview_of_a_bare_schedule_node_sends_a_run_body(
+    scripted: ScriptedServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    options: list[str],
+    groups: list[dict[str, object]],
+) -> None:
+    scripted.play(Reply(200, PREVIEW_ANSWER))
+    spec = _spec_file(tmp_path, STEP_NODE)
+    code, _, err = run_cli(capsys, "--url", scripted.url, "preview", spec, "--steps", "1", *options)
+    assert code == 0, err
+    assert scripted.seen[0].body == {
+        "groups": groups,
+        "schedule": STEP_NODE,
+        "start": 0,
+        "count": 1,
+    }
+
+
+def test_create_from_a_bare_node_needs_its_groups(
+    scripted: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scripted.play(Reply(201, {"id": "r1", "version": 1}))
+    spec = _spec_file(tmp_path, STEP_NODE)
+    code, _, err = run_cli(capsys, "--url", scripted.url, "create", "r1", spec)
+    assert code == 2 and "single schedule node" in err and "--lr LR or --group NAME=LR" in err
+    assert scripted.seen == []
+    code, _, err = run_cli(capsys, "--url", scripted.url, "create", "r1", spec, "--lr", "0.5")
+    assert code == 0, err
+    assert scripted.seen[0].method == "PUT"
+    assert scripted.seen[0].body == {
+        "groups": [{"name": "default", "lr": 0.5}],
+        "schedule": STEP_NODE,
+    }
+
+
+def test_group_options_do_not_replace_a_bodys_own_groups(
+    scripted: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scripted.play(Reply(200, PREVIEW_ANSWER))
+    body = {"groups": [{"name": "g", "lr": 0.1}], "schedule": STEP_NODE}
+    code, _, err = run_cli(
+        capsys, "--url", scripted.url, "preview", _spec_file(tmp_path, body), "--lr", "1"
+    )
+    assert code == 2 and "has its own groups" in err
+    assert scripted.seen == []
+    # A body without groups takes them from --group.
+    no_groups = {"schedule": STEP_NODE}
+    code, _, err = run_cli(
+        capsys, "--url", scripted.url, "preview", _spec_file(tmp_path, no_groups),
+        "--steps", "1", "--group", "a=0.5",
+    )  # fmt: skip
+    assert code == 0, err
+    assert scripted.seen[0].body["groups"] == [{"name": "a", "lr": 0.5}]
+
+
+def test_a_long_preview_asks_the_server_to_decimate(
+    scripted: ScriptedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The server's decimated answer: uneven steps (each bucket's min and max), first and last.
+    steps = [0, 1, 99_999, 100_000, 299_999, 300_000, 500_000, 999_998, 999_999]
+    answer = {
+        "start": 0,
+        "count": len(steps),
+        "steps": steps,
+        "groups": {"default": {"lr": [float(s) for s in steps]}},
+    }
+    scripted.play(Reply(200, answer))
+    spec = _spec_file(tmp_path, STEP_NODE)
+    code, out, err = run_cli(
+        capsys, "--url", scripted.url, "preview", spec, "--steps", "1000000", "--rows", "3"
+    )
+    assert code == 0, err
+    sent = scripted.seen[0].body
+    assert sent["start"] == 0 and sent["stop"] == 1_000_000 and sent["points"] == 2000
+    assert "count" not in sent
+    lines = out.splitlines()
+    # The rows nearest to steps 0, 500000 and 999999, and the true number of steps.
+    assert [int(line.split()[0]) for line in lines[1:4]] == [0, 500_000, 999_999]
+    assert lines[4] == f"(3 of 1000000 steps shown, from {len(steps)} the server picked)"
+    # Up to the window's length a preview still asks for every step.
+    scripted.play(Reply(200, PREVIEW_ANSWER))
+    assert run_cli(capsys, "--url", scripted.url, "preview", spec, "--steps", "100000")[0] == 0
+    assert scripted.seen[0].body["count"] == 100_000 and "points" not in scripted.seen[0].body
+
+
+def test_metrics_without_a_name_lists_the_names(
+    scripted: ScriptedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scripted.play(Reply(200, {"run": "r1", "names": ["acc", "loss"]}))
+    code, out, err = run_cli(capsys, "--url", scripted.url, "metrics", "r1")
+    assert code == 0, err
+    assert out.splitlines() == ["acc", "loss"]
+    seen = scripted.seen[0]
+    assert (seen.method, seen.path, seen.query) == ("GET", "/v1/runs/r1/metrics", {})
+    # A server that cannot list them: what to do instead, not its 422.
+    scripted.play(
+        Reply.problem(
+            422,
+            "validation-error",
+            "query.name: Field required",
+            [{"loc": ["query", "name"], "msg": "Field required"}],
+        )
+    )
+    code, _, err = run_cli(capsys, "--url", scripted.url, "metrics", "r1")
+    assert code == 2 and "give the NAME" in err

@@ -6,6 +6,7 @@ Values are checked against torch's schedulers; ``--png`` must write a real PNG.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,8 @@ def test_runs_and_show(capsys: pytest.CaptureFixture[str], run_server: ServerPro
     code, out, _ = cli(capsys, run_server, "runs")
     assert code == 0
     header, row = out.splitlines()[:2]
-    assert header.split() == ["id", "version", "step", "created_at"]
-    assert row.split()[:3] == ["cli-run", "1", "-"]
+    assert header.split()[0] == "id" and {"version", "step", "created_at"} <= set(header.split())
+    assert row.split()[0] == "cli-run"
     listed = cli_json(capsys, run_server, "runs", "--all")
     assert [r["id"] for r in listed["runs"]] == ["cli-run"]
 
@@ -273,5 +274,113 @@ def test_output_into_a_closed_pipe_is_not_a_traceback(live_server: ServerProcess
         env=sdk_env(),
     )
     assert proc.stdout.split()[0] == "step", proc.stdout
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- issue 14: CLI polish, against the real server ------------------------------------------
+
+
+def test_a_mistyped_type_or_argument_gets_a_suggestion_once(
+    capsys: pytest.CaptureFixture[str], live_server: ServerProcess, tmp_path: Path
+) -> None:
+    typo = tmp_path / "typo.json"
+    body = {"groups": [{"name": "g", "lr": 0.1}], "schedule": {"type": "CosineAnealingLR"}}
+    typo.write_text(json.dumps(body))
+    code, out, err = cli(capsys, live_server, "preview", str(typo))
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        "lrserve preview: error: 422 Validation error: body.schedule: unknown schedule type "
+        "'CosineAnealingLR'; did you mean 'CosineAnnealingLR'? (docs/schedules.md lists every "
+        "type, 56 in all)"
+    ]
+    gama = tmp_path / "gama.json"
+    gama.write_text(json.dumps({"type": "StepLR", "step_size": 3, "gama": 0.5}))
+    code, _, err = cli(capsys, live_server, "preview", str(gama))
+    assert code == 1
+    assert err.splitlines() == [
+        "lrserve preview: error: 422 Validation error: body.schedule.StepLR.gama: unknown "
+        "argument 'gama' for StepLR; did you mean 'gamma'? (StepLR takes: step_size, gamma)"
+    ]
+
+
+def test_a_bare_node_sent_as_a_run_body_is_named_as_such(live_server: ServerProcess) -> None:
+    node = {"type": "StepLR", "step_size": 3, "gamma": 0.5}
+    with lrserve.Client(live_server.url) as client:
+        for send in (lambda: client.preview(node), lambda: client.create_run("bare", node)):
+            with pytest.raises(lrserve.ValidationError) as info:
+                send()
+            err = info.value
+            assert err.errors == [{"loc": ["body"], "msg": err.detail.removeprefix("body: ")}]
+            assert "this is a single schedule node (type 'StepLR'), not a run body" in err.detail
+            assert 'put it under "schedule"' in err.detail
+        with pytest.raises(lrserve.RunNotFoundError):
+            client.get_run("bare")  # nothing was written
+
+
+def test_preview_and_create_from_a_bare_node_match_torch(
+    capsys: pytest.CaptureFixture[str], live_server: ServerProcess, tmp_path: Path
+) -> None:
+    node = tmp_path / "step.json"
+    node.write_text(json.dumps({"type": "StepLR", "step_size": 3, "gamma": 0.5}))
+    spec = {"groups": [{"name": "a", "lr": 0.1}, {"name": "b", "lr": 1.0}],
+            "schedule": {"type": "StepLR", "step_size": 3, "gamma": 0.5}}  # fmt: skip
+    expected = torch_lrs(spec, lambda opt: lr_scheduler.StepLR(opt, 3, 0.5), 12)
+    got = cli_json(capsys, live_server, "preview", str(node), "--steps", "12",
+                   "--group", "a=0.1", "--group", "b=1")["groups"]  # fmt: skip
+    assert got["a"]["lr"] == pytest.approx([r[0] for r in expected], rel=1e-12)
+    assert got["b"]["lr"] == pytest.approx([r[1] for r in expected], rel=1e-12)
+    factors = cli_json(capsys, live_server, "preview", str(node), "--steps", "12")["groups"]
+    assert factors["default"]["lr"] == pytest.approx([r[1] for r in expected], rel=1e-12)
+    made = cli_json(capsys, live_server, "create", "bare", str(node), "--lr", "0.1")
+    assert made["created"] and made["run"]["spec"]["groups"][0]["name"] == "default"
+    assert cli_json(capsys, live_server, "lr", "bare", "--step", "7")["groups"]["default"][
+        "lr"
+    ] == pytest.approx(expected[7][0], rel=1e-12)
+
+
+def test_a_preview_longer_than_a_window(
+    capsys: pytest.CaptureFixture[str], live_server: ServerProcess, tmp_path: Path
+) -> None:
+    node = tmp_path / "cosine.json"
+    node.write_text(json.dumps({"type": "CosineAnnealingLR", "T_max": 1_000_000, "eta_min": 0.01}))
+    answer = cli_json(capsys, live_server, "preview", str(node), "--steps", "1000000")
+    steps, lrs = answer["steps"], answer["groups"]["default"]["lr"]
+    assert steps[0] == 0 and steps[-1] == 999_999 and 100 < len(steps) <= 2000
+    for step, lr in zip(steps, lrs, strict=True):
+        want = 0.01 + 0.99 * (1 + math.cos(math.pi * step / 1_000_000)) / 2
+        assert lr == pytest.approx(want, rel=1e-9), step
+    code, out, err = cli(capsys, live_server, "preview", str(node), "--steps", "1000000",
+                         "--rows", "3")  # fmt: skip
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines()[1:4]] == ["0", "500000", "999999"]
+    assert f"(3 of 1000000 steps shown, from {len(steps)} the server picked)" in out
+
+
+def test_metrics_lists_the_names_reported(
+    capsys: pytest.CaptureFixture[str], run_server: ServerProcess
+) -> None:
+    code, out, _ = cli(capsys, run_server, "metrics", "cli-run")
+    assert code == 0 and out == "(no metric reported to cli-run yet)\n"
+    assert cli(capsys, run_server, "report", "cli-run", "--step", "0", "loss=1", "acc=0.5")[0] == 0
+    code, out, _ = cli(capsys, run_server, "metrics", "cli-run")
+    assert code == 0 and sorted(out.split()) == ["acc", "loss"]
+    listed = cli_json(capsys, run_server, "metrics", "cli-run")
+    assert listed["run"] == "cli-run" and sorted(listed["names"]) == ["acc", "loss"]
+
+
+def test_show_into_a_closed_pipe_is_not_a_traceback(live_server: ServerProcess) -> None:
+    """`lrserve show RUN | head -1` on a run whose listing is bigger than a pipe's buffer."""
+    with lrserve.Client(live_server.url) as client:
+        client.create_run("big", {**SPEC, "metadata": {"notes": "x" * 300_000}})
+    command = f"{sys.executable} -m lrserve --url {live_server.url} show big | head -n 1"
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=sdk_env(),
+    )
+    assert proc.stdout.split() == ["run", "big"], proc.stdout
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.returncode == 0, proc.stderr

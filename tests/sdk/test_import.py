@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from .conftest import sdk_env
 
 BLOCKER = textwrap.dedent(
@@ -99,3 +101,49 @@ def test_lrserve_torch_without_torch_says_what_to_install() -> None:
     assert result.returncode == 0, result.stderr
     assert "MESSAGE lrserve.torch needs PyTorch" in result.stdout
     assert "pip install 'lrserve[torch]'" in result.stdout
+
+
+def run_python_without(blocked: set[str], code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter where exactly ``blocked`` cannot be imported."""
+    # The hook reads BLOCKED when a module is looked up: rebinding it after the hook is in.
+    blocker = BLOCKER + f"BLOCKED = set({sorted(blocked)!r})\n"
+    return subprocess.run(
+        [sys.executable, "-c", blocker + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=sdk_env(),
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [
+        ("lrserve.torch", {"torch"}, "lrserve[torch]"),
+        ("lrserve.lightning", {"lightning"}, "lrserve[lightning]"),
+        ("lrserve.lightning", {"torch"}, "lrserve[lightning]"),
+        ("lrserve.hf", {"transformers", "accelerate"}, "lrserve[hf]"),
+        ("lrserve.hf", {"torch"}, "lrserve[hf]"),
+        ("lrserve.keras", {"keras"}, "lrserve[keras]"),
+        ("lrserve.optax", {"jax"}, "lrserve[jax]"),
+    ],
+)
+def test_an_integration_without_its_framework_names_the_extra(
+    module: str, blocked: set[str], extra: str
+) -> None:
+    """`import lrserve.X` without X's framework: an ImportError that says what to install."""
+    proc = run_python_without(
+        blocked,
+        f"""
+        try:
+            import {module}
+        except ImportError as exc:
+            print("MESSAGE", exc)
+        else:
+            print("IMPORTED")
+        """,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("MESSAGE "), proc.stdout
+    assert f"pip install '{extra}'" in proc.stdout, proc.stdout
+    assert "(blocked)" not in proc.stdout  # not the bare "No module named ..." error

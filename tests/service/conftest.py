@@ -31,3 +31,7 @@ def server(
             yield srv
         finally:
             srv.stop()
+
+
+# Headless Chromium for the web page's tests (tests/service/browser.py).
+from tests.service.browser import browser, browser_server, page  # noqa: E402, F401

@@ -6,25 +6,24 @@ served HTML, run against a minimal DOM, with ``fetch`` aimed at the server) buil
 from form fields, ask for the dry run and build the confirmation; the test then makes the change
 for real and holds the page's "after" to what the server serves. A too-late answer is shown
 with its earliest step and one click asks again from there. The plot draws a marker per change
-at its step, and a rewind's abandoned span; with headless Chromium the whole page shows them.
+at its step, and a rewind's abandoned span; in headless Chromium (Playwright) the whole page
+shows them, and a person previews, confirms and is told when too late.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import shutil
 import subprocess
-import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import Page
 
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import ServerProcess
 from tests.service.helpers import new_id, plateau_spec
 
 needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
@@ -405,196 +404,96 @@ def test_bad_form_input_is_refused_before_anything_is_sent(
     assert out["urls"][2] == "/v1/runs/r/overrides/2?dry_run=true"
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
 def test_the_page_shows_the_markers_and_the_steering_forms(
-    live_server: ServerProcess, tmp_path: Path
+    browser_server: ServerProcess, page: Page
 ) -> None:
     rid = new_id("dash-dom")
-    with live_server.client() as c:
+    with browser_server.client() as c:
         _steered_run(c, rid)
-    chromium = _chromium()
-    assert chromium is not None
-    result = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            f"{live_server.url}/#{rid}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    page.goto(f"{browser_server.url}/#{rid}")
+    page.wait_for_selector("#steering")
+    chart = page.locator("#chart-rate-lr")
+    marks = chart.locator(".marker").evaluate_all(
+        "ms => ms.map(m => [m.dataset.kind, Number(m.dataset.step)])"
     )
-    dom = result.stdout
-    assert 'id="steering"' in dom, result.stderr[-2000:]
-    for kind in ("amendment", "override", "withdrawn", "rewind"):
-        assert re.search(rf'class="marker" data-kind="{kind}"', dom), kind
-    assert 'class="abandoned"' in dom
+    # The rewind to step 2 undid both reductions (steps 4 and 6): no reduction marker.
+    assert sorted(map(tuple, marks)) == [
+        ("amendment", 500),
+        ("override", 300),
+        ("override", 1100),
+        ("rewind", 2),
+        ("withdrawn", 800),
+    ]
+    assert chart.locator(".span-abandoned[data-rewind='1']").is_visible()
+    assert chart.locator(".span-abandoned").get_attribute("title") == (
+        "steps 3..6: abandoned by rewind 1"
+    )
     for kind in ("override", "withdraw", "amend", "rewind"):
-        assert f'data-kind="{kind}"' in dom
-    assert "amendment 1 (restart)" in dom and "abandoned by rewind 1" in dom
+        assert page.locator(f"#steering form[data-kind={kind}]").count() == 1
+    changes = page.locator("#changes").inner_text()
+    assert "amendment 1 (restart)" in changes and "rewind 1 to 2" in changes
+    assert "abandoned by rewind 1" in page.locator("#events-table").inner_text()
 
 
-class _Browser:
-    """Headless Chromium driven over the DevTools protocol (a click-through, no Playwright)."""
-
-    def __init__(self, chromium: str, profile: Path) -> None:
-        from websockets.sync.client import connect
-
-        port = free_port()
-        self.process = subprocess.Popen(
-            [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--remote-debugging-port={port}",
-                "--window-size=1300,1800",
-                f"--user-data-dir={profile}",
-                "about:blank",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60
-        targets: list[dict[str, Any]] = []
-        while not any(t["type"] == "page" for t in targets):
-            assert time.monotonic() < deadline, "Chromium did not open its DevTools endpoint"
-            assert self.process.poll() is None, "Chromium exited"
-            try:
-                targets = httpx.get(f"http://127.0.0.1:{port}/json/list").json()
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        page = next(t for t in targets if t["type"] == "page")
-        self._stack = ExitStack()
-        self.ws = self._stack.enter_context(
-            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
-        )
-        self.next_id = 0
-
-    def call(self, method: str, **params: Any) -> Any:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv(timeout=60))
-            if message.get("id") == self.next_id:
-                assert "error" not in message, message
-                return message["result"]
-
-    def eval(self, expression: str) -> Any:
-        result = self.call(
-            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
-        )
-        assert "exceptionDetails" not in result, result
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.eval(expression)
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {expression}")
-
-    def close(self) -> None:
-        self._stack.close()
-        self.process.kill()
-        self.process.wait(timeout=30)
+def _fill_override(page: Page, from_step: int) -> None:
+    """Fill the override form and submit it, as a person would."""
+    form = page.locator("#steering form[data-kind=override]")
+    form.get_by_label("from step").fill(str(from_step))
+    form.get_by_label("action").select_option("scale")
+    form.get_by_label("value").fill("0.5")
+    form.get_by_label("note").fill("from the browser")
+    form.get_by_role("button", name="apply override").click()
 
 
-# Fill the override form and submit it, as a person would.
-FILL_OVERRIDE = """(() => {
-  const f = document.querySelector('#steering form[data-kind="override"]');
-  f.querySelector('[name=from_step]').value = '%d';
-  f.querySelector('[name=action]').value = 'scale';
-  f.querySelector('[name=value]').value = '0.5';
-  f.querySelector('[name=note]').value = 'from the browser';
-  f.requestSubmit();
-  return true;
-})()"""
-
-
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
 def test_a_person_previews_confirms_and_is_told_when_too_late_in_a_browser(
-    live_server: ServerProcess, tmp_path: Path
+    browser_server: ServerProcess, page: Page, tmp_path: Path
 ) -> None:
-    pytest.importorskip("websockets")
     rid = new_id("dash-click")
-    with live_server.client() as c:
+    with browser_server.client() as c:
         _run_with_reports(c, rid)
         run = c.get(f"/v1/runs/{rid}").json()
-    chromium = _chromium()
-    assert chromium is not None
-    browser = _Browser(chromium, tmp_path / "profile")
-    try:
-        browser.call("Page.enable")
-        browser.call("Page.navigate", url=f"{live_server.url}/#{rid}")
-        browser.wait_for("!!document.querySelector('#steering')")
-        # Too late: the message names the earliest step; its button asks again from there.
-        browser.eval(FILL_OVERRIDE % 10)
-        retry = browser.wait_for("document.querySelector('#steer-out .retry')?.textContent")
-        offered = re.fullmatch(r"apply from step (\d+) instead", retry)
-        assert offered is not None, retry
-        earliest = int(offered.group(1))
-        assert earliest >= run["leased_until"]
-        browser.eval("document.querySelector('#steer-out .retry').click()")
-        summary = browser.wait_for("document.querySelector('#confirm .first-change')?.textContent")
-        assert f"from step {earliest}" in browser.eval(
-            "document.querySelector('#confirm b').textContent"
-        )
-        curves = browser.eval(
-            "[...document.querySelectorAll('#confirm path')].map((p) => p.getAttribute('class'))"
-        )
-        assert curves.count("before") == 2 and curves.count("after") == 2  # two groups
-        step = int(re.search(r"step (\d+)", summary).group(1))
-        assert step >= earliest
-        with live_server.client() as c:
-            assert c.get(f"/v1/runs/{rid}").json()["version"] == run["version"]  # not yet
-        shot = browser.call("Page.captureScreenshot", format="png")
-        (tmp_path / "confirm.png").write_bytes(base64.b64decode(shot["data"]))
-        # Meanwhile a trainer takes values past that step: "confirm" is now too late, and the
-        # offer asks for a new dry run from the new earliest step; nothing is applied unseen.
-        with live_server.client() as c:
-            window = {"start": 0, "count": earliest + 100}
-            assert c.get(f"/v1/runs/{rid}/lr", params=window).status_code == 200
-        browser.eval("document.querySelector('#confirm .confirm-yes').click()")
-        retry = browser.wait_for("document.querySelector('#steer-out .retry')?.textContent")
-        offered = re.fullmatch(r"apply from step (\d+) instead", retry)
-        assert offered is not None and int(offered.group(1)) > earliest + 100, retry
-        later = int(offered.group(1))
-        with live_server.client() as c:
-            assert c.get(f"/v1/runs/{rid}").json()["overrides"] == []
-        browser.eval("document.querySelector('#steer-out .retry').click()")
-        browser.wait_for(
-            f"document.querySelector('#confirm b')?.textContent.endsWith('from step {later}')"
-        )
-        # Confirm: the change is made, and the page shows it as a marker at its step.
-        browser.eval("document.querySelector('#confirm .confirm-yes').click()")
-        browser.wait_for(
-            f"!!document.querySelector('line.marker[data-kind=override][data-step=\"{later}\"]')"
-        )
-        with live_server.client() as c:
-            overrides = c.get(f"/v1/runs/{rid}").json()["overrides"]
-        assert [(o["from_step"], o["value"], o["note"]) for o in overrides] == [
-            (later, 0.5, "from the browser")
-        ]
-    finally:
-        browser.close()
+    page.goto(f"{browser_server.url}/#{rid}")
+    page.wait_for_selector("#steering")
+    # Too late: the message names the earliest step; its button asks again from there.
+    _fill_override(page, 10)
+    retry = page.locator("#steer-out .retry")
+    offered = re.fullmatch(r"apply from step (\d+) instead", retry.inner_text())
+    assert offered is not None, retry.inner_text()
+    earliest = int(offered.group(1))
+    assert earliest >= run["leased_until"]
+    retry.click()
+    summary = page.locator("#confirm .first-change").inner_text()
+    assert f"from step {earliest}" in page.locator("#confirm b").inner_text()
+    curves = page.locator("#confirm path").evaluate_all(
+        "ps => ps.map(p => p.getAttribute('class'))"
+    )
+    assert curves.count("before") == 2 and curves.count("after") == 2  # two groups
+    found = re.search(r"step (\d+)", summary)
+    assert found is not None and int(found.group(1)) >= earliest
+    with browser_server.client() as c:
+        assert c.get(f"/v1/runs/{rid}").json()["version"] == run["version"]  # not yet
+    page.screenshot(path=str(tmp_path / "confirm.png"))
+    # Meanwhile a trainer takes values past that step: "confirm" is now too late, and the
+    # offer asks for a new dry run from the new earliest step; nothing is applied unseen.
+    with browser_server.client() as c:
+        window = {"start": 0, "count": earliest + 100}
+        assert c.get(f"/v1/runs/{rid}/lr", params=window).status_code == 200
+    page.locator("#confirm .confirm-yes").click()
+    retry = page.locator("#steer-out .retry")
+    offered = re.fullmatch(r"apply from step (\d+) instead", retry.inner_text())
+    assert offered is not None and int(offered.group(1)) > earliest + 100, retry.inner_text()
+    later = int(offered.group(1))
+    with browser_server.client() as c:
+        assert c.get(f"/v1/runs/{rid}").json()["overrides"] == []
+    retry.click()
+    page.wait_for_function(
+        f"document.querySelector('#confirm b')?.textContent.endsWith('from step {later}')"
+    )
+    # Confirm: the change is made, and the page shows it as a marker at its step.
+    page.locator("#confirm .confirm-yes").click()
+    page.wait_for_selector(f"#chart-rate-lr .marker[data-kind=override][data-step='{later}']")
+    with browser_server.client() as c:
+        overrides = c.get(f"/v1/runs/{rid}").json()["overrides"]
+    assert [(o["from_step"], o["value"], o["note"]) for o in overrides] == [
+        (later, 0.5, "from the browser")
+    ]

@@ -92,23 +92,21 @@ def test_concurrent_reports_serialise(db_url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_sql_ascii_database_round_trips_text() -> None:
-    """On a SQL_ASCII database psycopg returned text as bytes unless the client encoding is
-    set: the run id came back as b"..." and every report failed (a foreign-key error, 503)."""
+def test_sql_ascii_database_is_refused() -> None:
+    """A SQL_ASCII database stores whatever bytes it is given and cannot be told what they
+    mean (issue 14): migrating it is refused with the fix, and nothing is created in it."""
+    import psycopg
+
+    from service.runs.repository import StoreFault
     from tests.conftest import postgres_database
 
     with postgres_database(encoding="SQL_ASCII") as url:
         store = open_store(url)
         try:
-            store.migrate()
-            rid = new_id("ascii")
-            spec = RunSpec.model_validate({**plateau_spec(), "metadata": {"note": "café ✓"}})
-            runs.create_run(store, rid, spec)
-            result = runs.report(store, rid, 3, 0, {"val_loss": 0.5})
-            assert result.complete and result.run.id == rid
-            run = store.get_run(rid)
-            assert run is not None and isinstance(run.id, str) and run.id == rid
-            assert RunSpec.model_validate_json(run.spec).metadata == {"note": "café ✓"}
-            assert [r.step for r in store.reports(rid)] == [3]
+            with pytest.raises(StoreFault, match="SQL_ASCII; lrserve needs UTF8") as info:
+                store.migrate()
+            assert "CREATE DATABASE lrserve ENCODING 'UTF8'" in str(info.value)
         finally:
             store.close()
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT to_regclass('runs')").fetchone() == (None,)

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from starlette.responses import Response
 
-from service.api.common import RunId, etag, json_response
+from service.api.common import LARGE_ANSWER_VALUES, RunId, etag, json_response, json_with_groups
 from service.api.deps import get_runs
 from service.api.schemas import CurveOut, EventsOut, problems
-from service.runs.service import Runs
+from service.runs.service import Runs, heavy
 from service.schedules.base import MAX_STEP
 
 router = APIRouter(prefix="/v1", tags=["inspection"])
@@ -62,14 +62,15 @@ async def get_curve(
     points: Annotated[int, Query(ge=2, le=10_000)] = 500,
 ) -> Response:
     curve = await runs.curve(run_id, start, stop, points)
-    return json_response(
-        {
-            "run": run_id,
-            "version": curve.version,
-            "start": curve.start,
-            "stop": curve.stop,
-            "steps": curve.steps,
-            "groups": curve.groups,
-        },
-        headers={"ETag": etag(curve.version)},
-    )
+    answer = {
+        "run": run_id,
+        "version": curve.version,
+        "start": curve.start,
+        "stop": curve.stop,
+        "steps": curve.steps,
+        "groups": curve.groups,
+    }
+    # Encoded a piece at a time, a large one in a worker thread (see json_with_groups).
+    large = len(curve.steps) * len(curve.groups) > LARGE_ANSWER_VALUES
+    body = await heavy(json_with_groups, answer) if large else json_with_groups(answer)
+    return Response(body, media_type="application/json", headers={"ETag": etag(curve.version)})

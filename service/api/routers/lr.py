@@ -15,18 +15,21 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.api.common import (
+    LARGE_ANSWER_VALUES,
     RUN_ID_PATTERN,
     JsonBytesResponse,
     etag,
     etag_matches,
     hot,
     json_bytes,
+    json_with_groups,
     param_doc,
     path_run_id,
 )
 from service.api.deps import get_runs
 from service.api.problems import validation_error
 from service.api.schemas import MAX_WINDOW, StepValuesOut, WindowOut, problems
+from service.runs.service import heavy
 from service.schedules.base import MAX_STEP
 
 router = APIRouter(prefix="/v1", tags=["learning rates"])
@@ -128,17 +131,18 @@ async def get_lr(request: Request) -> Response:
     else:
         window = await runs.window(run_id, start, count or 1, current)
         version = window.version
-        body = json_bytes(
-            {
-                "run": run_id,
-                "start": start,
-                "count": window.count,
-                "version": version,
-                "groups": {
-                    g: {f: v.tolist() for f, v in fs.items()} for g, fs in window.values.items()
-                },
-            }
-        )
+        answer = {
+            "run": run_id,
+            "start": start,
+            "count": window.count,
+            "version": version,
+            "groups": window.values,
+        }
+        if window.count * len(window.values) > LARGE_ANSWER_VALUES:
+            # Up to MAX_WINDOW_VALUES values (a second of encoding): off the event loop.
+            body = await heavy(json_with_groups, answer)
+        else:
+            body = json_with_groups(answer)
     return JsonBytesResponse(
         body,
         [(b"etag", etag(version, current.created_at).encode()), (b"cache-control", b"no-cache")],

@@ -20,8 +20,8 @@ from service.api.common import (
     query_number,
 )
 from service.api.deps import get_runs
-from service.api.schemas import MetricHistoryOut, ReportIn, ReportOut, problems
-from service.runs.service import Runs
+from service.api.schemas import MetricHistoryOut, MetricNamesOut, ReportIn, ReportOut, problems
+from service.runs.service import ReportOutcome, Runs
 
 router = APIRouter(prefix="/v1", tags=["metrics"])
 
@@ -54,7 +54,10 @@ async def post_metrics(request: Request) -> Response:
     body = await parse_json_body(request, ReportIn)
     runs = await get_runs(request)
     try:
-        outcome = await runs.report(run_id, body.step, body.rank, body.values, wait)
+        if wait:
+            outcome = await _report_and_wait(request, runs, run_id, body, wait)
+        else:
+            outcome = await runs.report(run_id, body.step, body.rank, body.values)
     except Exception:
         observability.REPORT_OUTCOMES.inc("refused")
         raise
@@ -77,22 +80,73 @@ async def post_metrics(request: Request) -> Response:
     )
 
 
+async def _report_and_wait(
+    request: Request, runs: Runs, run_id: str, body: ReportIn, wait: float
+) -> ReportOutcome:
+    """``runs.report`` with a wait that ends when the client disconnects (an abandoned wait
+    would otherwise poll the database until its deadline: 300 of them cost a quarter of a
+    core), counted in ``lrserve_report_waits`` and ``..._abandoned_total``."""
+    gone = False
+
+    async def abandoned() -> bool:
+        nonlocal gone
+        gone = await request.is_disconnected()
+        return gone
+
+    observability.WAITING_REPORTS.inc()
+    try:
+        return await runs.report(run_id, body.step, body.rank, body.values, wait, abandoned)
+    finally:
+        observability.WAITING_REPORTS.dec()
+        if gone:
+            observability.ABANDONED_WAITS.inc()
+
+
+MAX_HISTORY_STEPS = 100_000
+
+
 @router.get(
     "/runs/{run_id}/metrics",
-    summary="History of one metric (per report and aggregated)",
-    response_model=MetricHistoryOut,
+    summary="The names of the metrics reported, or the history of one (per report and "
+    "aggregated), a window of steps at a time",
+    response_model=MetricHistoryOut | MetricNamesOut,
     responses=problems(401, 404, 422, 503),
 )
 async def get_metrics(
     run_id: RunId,
     runs: Annotated[Runs, Depends(get_runs)],
-    name: Annotated[str, Query(min_length=1, max_length=200)],
+    name: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            description="the metric; without it the answer lists the names reported",
+        ),
+    ] = None,
+    after_step: Annotated[
+        int | None,
+        Query(ge=-1, description="only steps after this one (exclusive): the live tail"),
+    ] = None,
+    limit: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=MAX_HISTORY_STEPS,
+            description="at most this many reported steps (every rank's point of a step "
+            "together); next_after_step continues",
+        ),
+    ] = 10_000,
 ) -> Response:
-    history = await runs.metric_history(run_id, name)
+    if name is None:
+        return json_response({"run": run_id, "names": await runs.metric_names(run_id)})
+    history = await runs.metric_history(
+        run_id, name, -1 if after_step is None else after_step, limit
+    )
     return json_response(
         {
             "run": run_id,
             "name": name,
+            "next_after_step": history.next_after_step,
             "points": [
                 {"step": p.step, "rank": p.rank, "value": p.value, "branch": p.branch}
                 for p in history.points

@@ -7,10 +7,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.api.common import json_response
+from service.api.common import LARGE_ANSWER_VALUES, json_with_groups
 from service.api.deps import settings_of
 from service.api.schemas import PreviewIn, PreviewOut, problems
 from service.runs import service as runs
+from service.runs.service import heavy
 
 router = APIRouter(prefix="/v1", tags=["schedules"])
 
@@ -29,9 +30,15 @@ async def preview(body: PreviewIn, request: Request) -> Response:
         body.points,
         body.stop,
         settings_of(request).max_curve_span,
+        settings_of(request).max_request_work,
     )
     answer: dict[str, Any] = {"start": body.start, "count": sampled.count}
     if sampled.steps is not None:
         answer["steps"] = sampled.steps
     answer["groups"] = sampled.groups
-    return json_response(answer)
+    # Encoded a piece at a time, a large one in a worker thread (see json_with_groups).
+    if sampled.count * len(sampled.groups) > LARGE_ANSWER_VALUES:
+        encoded = await heavy(json_with_groups, answer)
+    else:
+        encoded = json_with_groups(answer)
+    return Response(encoded, media_type="application/json")

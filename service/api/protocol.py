@@ -1,0 +1,254 @@
+"""uvicorn's HTTP protocol with a request-head timeout and a connection cap.
+
+uvicorn times out idle keep-alive connections only (``timeout_keep_alive``, armed after a
+response). A connection that sends nothing, or half a request head, is held forever, and
+every one holds a file descriptor: 300 of them on a 256-descriptor limit made every new
+connection fail (``accept`` got ``EMFILE``). This protocol adds:
+
+- **a head timeout** (``LRSERVE_HEADER_TIMEOUT``, default 10 s): from the moment a connection
+  opens, or the first byte of its next request arrives, the request head (request line and
+  headers) must be complete within that time, or the connection is closed (with a 408
+  problem when part of a head had arrived);
+- **a body timeout** (``LRSERVE_BODY_TIMEOUT``, default 30 s): once the head is in, the rest
+  of the body must arrive within that time, or the request is answered 408 and closed.
+- **a connection cap** (``LRSERVE_MAX_CONNECTIONS``; 0, the default, means three quarters
+  of the process's soft ``RLIMIT_NOFILE``, the rest left for the database, threads and
+  logs): a connection that would go over the cap closes the oldest connection still waiting
+  for a request head (silent, half-sent or idle keep-alive), so an open request or a
+  held ``?wait=`` report is never dropped for it; when every connection is busy with a
+  request, the new one is answered 503 and closed instead.
+
+``lrserve serve`` selects it with uvicorn's ``http=`` option (an import string, so every
+worker process loads it); the limits come from the ``LRSERVE_*`` environment that
+``serve_main`` hands to the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.config import Settings
+
+log = logging.getLogger("lrserve.http")
+
+PROTOCOL = "service.api.protocol:GuardedHttpToolsProtocol"
+"""What ``serve_main`` passes as uvicorn's ``http`` option."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The connection limits of one server process."""
+
+    header_timeout: float
+    body_timeout: float
+    max_connections: int
+
+
+def connection_cap(configured: int, soft_nofile: int | None = None) -> int:
+    """``configured`` when positive, else three quarters of the soft descriptor limit (at
+    least 16): the remaining quarter (at least 64) is for everything else the process opens."""
+    if configured > 0:
+        return configured
+    if soft_nofile is None:
+        soft_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_nofile == resource.RLIM_INFINITY or soft_nofile <= 0:
+        soft_nofile = 65_536
+    return max(16, soft_nofile - max(64, soft_nofile // 4))
+
+
+@cache
+def limits() -> Limits:
+    """This process's limits, read once from the ``LRSERVE_*`` environment."""
+    settings = Settings.from_env()
+    return Limits(
+        settings.header_timeout, settings.body_timeout, connection_cap(settings.max_connections)
+    )
+
+
+def _raw_problem(status: int, reason: str, slug: str, detail: str, retry_after: int = 0) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 problem+json answer, for the protocol to
+    write itself (no request reached the app)."""
+    body = json.dumps(
+        {"type": f"/problems/{slug}", "title": reason, "status": status, "detail": detail}
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "content-type: application/problem+json\r\n"
+        f"content-length: {len(body)}\r\n"
+        + (f"retry-after: {retry_after}\r\n" if retry_after else "")
+        + "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_HEAD_408 = _raw_problem(
+    408, "Request Timeout", "request-timeout", "the request head did not arrive in time"
+)
+_BODY_408 = _raw_problem(
+    408, "Request Timeout", "request-timeout", "the request body did not arrive in time"
+)
+_FULL_503 = _raw_problem(
+    503,
+    "Service Unavailable",
+    "service-unavailable",
+    "the server is at its connection limit; retry shortly",
+    retry_after=1,
+)
+
+
+class _Waiting:
+    """The connections of one server that wait for a request head, oldest first."""
+
+    def __init__(self) -> None:
+        self.connections: dict[GuardedHttpToolsProtocol, None] = {}
+
+    def add(self, connection: GuardedHttpToolsProtocol) -> None:
+        self.connections.pop(connection, None)
+        self.connections[connection] = None  # (re)inserted last: the newest
+
+    def discard(self, connection: GuardedHttpToolsProtocol) -> None:
+        self.connections.pop(connection, None)
+
+    def oldest_other(self, connection: GuardedHttpToolsProtocol) -> GuardedHttpToolsProtocol | None:
+        for candidate in self.connections:
+            if candidate is not connection:
+                return candidate
+        return None
+
+
+def _waiting(server_state: Any) -> _Waiting:
+    registry: _Waiting | None = getattr(server_state, "lrserve_waiting", None)
+    if registry is None:
+        registry = _Waiting()
+        server_state.lrserve_waiting = registry
+    return registry
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a request-head timeout and a connection cap (see
+    the module's docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits = limits()
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = False  # part of a head arrived (a timeout then answers 408)
+        self._in_head = True  # between requests or inside a head (not in a request)
+
+    # -- connection life ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        waiting = _waiting(self.server_state)
+        if len(self.connections) > self._limits.max_connections:
+            victim = waiting.oldest_other(self)
+            if victim is None:
+                # Every other connection carries a request: refuse this one, keep theirs.
+                log.warning("connection limit reached: refusing a connection")
+                self._in_head = False
+                transport.write(_FULL_503)
+                transport.close()
+                return
+            victim.shed()
+        waiting.add(self)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        self._cancel_body_timer()
+        _waiting(self.server_state).discard(self)
+        super().connection_lost(exc)
+
+    def shed(self) -> None:
+        """Close this waiting connection to make room for a new one."""
+        self._cancel_head_timer()
+        _waiting(self.server_state).discard(self)
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    # -- the head timeout -----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes = True
+            # The first bytes after an idle keep-alive arm the timer, unless they end the head
+            # (nearly every request: its head comes in one read), which would cancel it at
+            # once; a timer armed and cancelled per request cost about 10% of GET throughput.
+            if self._head_timer is None and b"\r\n\r\n" not in data:
+                self._arm_head_timer()
+        super().data_received(data)
+        cycle = self.cycle
+        if (
+            self._body_timer is None
+            and not self._in_head
+            and cycle is not None
+            and cycle.more_body
+            and not cycle.response_complete
+        ):
+            # A head whose body did not come with it (a small body nearly always does).
+            self._body_timer = self.loop.call_later(self._limits.body_timeout, self._body_timed_out)
+
+    def on_message_complete(self) -> None:
+        self._cancel_body_timer()
+        if self._in_head:
+            # The rest of a body the app answered without reading: no new head yet, so the
+            # connection is idle again (and the bytes seen were not a head's).
+            self._head_bytes = False
+            self._arm_head_timer()
+        super().on_message_complete()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = False
+        self._cancel_head_timer()
+        _waiting(self.server_state).discard(self)
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            # Idle keep-alive: uvicorn's keep-alive timer runs; the next byte re-arms ours.
+            self._in_head = True
+            _waiting(self.server_state).add(self)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self._limits.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        _waiting(self.server_state).discard(self)
+        if self.transport.is_closing():
+            return
+        if self._head_bytes:
+            self.transport.write(_HEAD_408)
+        self.transport.close()
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            # The app is still waiting for the body (nothing else can answer meanwhile).
+            self.transport.write(_BODY_408)
+        self.transport.close()
