@@ -1,14 +1,21 @@
 """Per-step cost of lrserve.torch.RemoteScheduler.step() against torch's own scheduler.
 
-    .venv/bin/python bench/bench_sdk.py [--steps 8000] [--reps 5]
+    .venv/bin/python bench/bench_sdk.py [--steps 8000] [--reps 5] [--loop 20000]
 
-Starts ``python -m service`` on a temporary SQLite file, then times, in the same run and
-interleaved, ``step()`` of torch's ``SequentialLR(LinearLR, CosineAnnealingLR)`` and of a
-``RemoteScheduler`` serving the same schedule, each on its own identical 8-group AdamW,
-once with float learning rates and once with tensor learning rates. The RemoteScheduler's
-window is large enough that every timed step is the steady-state path (no network).
-Also times the ways of writing 8 tensor learning rates in place (fill_, _foreach_copy_,
-one shared tensor). Prints medians (µs per call) and the ratios.
+Starts ``python -m service`` on a temporary SQLite file, then times, in the same run:
+
+1. The training loop as it runs (the figure that matters): ``--loop`` consecutive
+   ``step()`` calls of a ``RemoteScheduler`` with the SDK's DEFAULT settings (4,096-step
+   window, refreshes, revalidation and the prefetched next window all included), a fresh
+   scheduler and run per repetition (server caches cold), against the same number of
+   ``step()`` calls of torch's ``SequentialLR(LinearLR, CosineAnnealingLR)``, each on its own
+   identical 8-group AdamW, float and tensor learning rates, interleaved. Also the slowest
+   single step and how many steps had to wait for a fetch (over 1 ms).
+2. Steady state: a window large enough that every timed step is the no-network path.
+3. The ways of writing 8 tensor learning rates in place (fill_, _foreach_copy_, one shared
+   tensor).
+
+Prints medians (µs per call) and the ratios.
 """
 
 from __future__ import annotations
@@ -146,10 +153,50 @@ def tensor_write_methods(n: int, reps: int) -> dict[str, float]:
     return out
 
 
+def default_loop(url: str, kind: str, n: int, rep: int) -> tuple[float, float, int]:
+    """(µs per step over ``n`` steps, slowest step in ms, steps over 1 ms) of a
+    RemoteScheduler with default settings on a fresh run."""
+    r_opt = optimizer(kind == "tensor")
+    remote = RemoteScheduler(r_opt, f"loop-{kind}-{rep}", url=url, spec={"schedule": SPEC})
+    clock = time.perf_counter
+    worst = 0.0
+    slow = 0
+    step = remote.step
+    try:
+        t_start = clock()
+        for _ in range(n):
+            t0 = clock()
+            step()
+            dt = clock() - t0
+            if dt > 1e-3:
+                slow += 1
+                worst = max(worst, dt)
+        total = clock() - t_start
+        assert not remote.holding
+    finally:
+        remote.close()
+    return total / n * 1e6, worst * 1e3, slow
+
+
+def torch_loop(kind: str, n: int) -> float:
+    """µs per step over ``n`` steps of torch's own scheduler (timed the same way)."""
+    sched = torch_sched(optimizer(kind == "tensor"))
+    clock = time.perf_counter
+    step = sched.step
+    t_start = clock()
+    for _ in range(n):
+        t0 = clock()
+        step()
+        clock() - t0
+    return (clock() - t_start) / n * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8000, help="timed calls per repetition")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--loop", type=int, default=20_000, help="steps of the default-settings loop")
+    ap.add_argument("--loop-reps", type=int, default=3)
     args = ap.parse_args()
     if args.steps * (args.reps + 1) >= 50_000:
         raise SystemExit("steps * (reps + 1) must stay below 50000 (half the window)")
@@ -159,6 +206,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(tmp)
         try:
+            loops: dict[str, dict[str, list[Any]]] = {
+                k: {"torch": [], "lrserve": []} for k in ("float", "tensor")
+            }
+            torch_loop("float", 2000)  # warm-up
+            for rep in range(args.loop_reps):
+                for kind in ("float", "tensor"):
+                    loops[kind]["torch"].append(torch_loop(kind, args.loop))
+                    loops[kind]["lrserve"].append(default_loop(url, kind, args.loop, rep))
+            print(
+                f"\nthe training loop, default settings (window 4096, refreshes included), "
+                f"{args.loop} steps, median of {args.loop_reps} fresh runs:"
+            )
+            print(
+                f"{'lr kind':<8} {'torch µs/step':>14} {'lrserve µs/step':>16} {'ratio':>7} "
+                f"{'slowest ms':>11} {'steps > 1 ms':>13}"
+            )
+            for kind, res in loops.items():
+                t_us = statistics.median(res["torch"])
+                r_us = statistics.median(r[0] for r in res["lrserve"])
+                worst = max(r[1] for r in res["lrserve"])
+                slow = max(r[2] for r in res["lrserve"])
+                print(
+                    f"{kind:<8} {t_us:>14.2f} {r_us:>16.2f} {r_us / t_us:>6.2f}x "
+                    f"{worst:>11.2f} {slow:>13}"
+                )
             results: dict[str, dict[str, list[float]]] = {}
             scheds = {}
             for kind in ("float", "tensor"):
@@ -186,7 +258,10 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(10)
-    print(f"\nstep() cost, µs per call, median of {args.reps} x {args.steps} calls:")
+    print(
+        f"\nsteady state (window 100000, no refresh while timed), µs per call, "
+        f"median of {args.reps} x {args.steps} calls:"
+    )
     print(f"{'lr kind':<8} {'torch SequentialLR':>20} {'RemoteScheduler':>17} {'ratio':>7}")
     for kind, res in results.items():
         t_us, r_us = statistics.median(res["torch"]), statistics.median(res["lrserve"])

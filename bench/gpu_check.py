@@ -116,7 +116,7 @@ def start_server(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
 
 def post_override(url: str, run: str, from_step: int, value: float, group: str) -> tuple[int, int]:
     """Scale ``group``'s lr by ``value`` from ``from_step`` on, or from the earliest step the
-    server can guarantee when that is too late; returns (the new run version, that step)."""
+    server can guarantee when that is too late; returns (the new values version, that step)."""
     import httpx
 
     body = {
@@ -131,7 +131,9 @@ def post_override(url: str, run: str, from_step: int, value: float, group: str) 
         body["from_step"] = int(r.json()["earliest_step"])
         r = httpx.post(f"{url}/v1/runs/{run}/overrides", json=body, timeout=10)
     r.raise_for_status()
-    return int(r.json()["version"]), int(body["from_step"])
+    # Windows (and so the scheduler) carry the values version, not the run's version.
+    run_doc = r.json()
+    return int(run_doc.get("values_version", run_doc["version"])), int(body["from_step"])
 
 
 def server_lrs(url: str, run: str, count: int, names: list[str]) -> list[list[float]]:

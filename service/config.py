@@ -60,6 +60,10 @@ class Settings:
     """Seconds an idle keep-alive connection stays open (uvicorn's ``timeout_keep_alive``)."""
     max_connections: int = 0
     """Open connections per process; 0: three quarters of the soft ``RLIMIT_NOFILE``."""
+    cache_bytes: int = 64 * 1024 * 1024
+    """Budget of the evaluated-values cache per process (least recently used out by bytes)."""
+    compile_cache_bytes: int = 48 * 1024 * 1024
+    """Budget of the compiled-schedule cache per process (estimated bytes, LRU)."""
 
     @property
     def auth_enabled(self) -> bool:

@@ -11,6 +11,8 @@ import httpx
 
 from . import _calls
 from ._base import ClientConfig
+from ._codec import DecodedWindow
+from ._errors import APIError
 from ._transport import Call, RetryPolicy
 from ._types import (
     CreateRunResult,
@@ -224,7 +226,36 @@ class AsyncClient:
         Pass the ``etag`` of the window you hold: while the run's version is unchanged
         the server answers 304 and the result has ``not_modified=True`` and no values.
         """
-        return await self._send(_calls.get_lr_window(run_id, start, count, etag, lease=lease))
+        binary = getattr(self, "_window_binary", None)
+        try:
+            return await self._send(
+                _calls.get_lr_window(run_id, start, count, etag, lease=lease, binary=binary)
+            )
+        except APIError as exc:
+            if exc.status != 406 or binary is False:
+                raise
+            # Something in between refuses the binary encoding: JSON from now on.
+            self._window_binary = False
+            return await self._send(
+                _calls.get_lr_window(run_id, start, count, etag, lease=lease, binary=False)
+            )
+
+    async def _get_lr_window_arrays(
+        self, run_id: str, start: int, count: int, etag: str | None = None
+    ) -> tuple[LRWindow, DecodedWindow | None]:
+        """:meth:`get_lr_window` as one float64 array (the schedulers' refresh; needs numpy)."""
+        binary = getattr(self, "_window_binary", None) is not False
+        try:
+            return await self._send(
+                _calls.get_lr_window_arrays(run_id, start, count, etag, binary=binary)
+            )
+        except APIError as exc:
+            if exc.status != 406 or not binary:
+                raise
+            self._window_binary = False
+            return await self._send(
+                _calls.get_lr_window_arrays(run_id, start, count, etag, binary=False)
+            )
 
     async def get_curve(
         self,

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
+from zlib import error as zlib_error
 
 import httpx
 
+from ._codec import ACCEPT, MEDIA_TYPE, DecodedWindow, binary_supported, decode_window
+from ._codec import window_from_json as window_from_json
 from ._config import check_run_id
-from ._errors import UsageError
+from ._errors import LRServeError, UsageError
 from ._metrics import encode_metric
 from ._transport import Call, error_from_response, json_body
 from ._types import (
@@ -30,6 +33,8 @@ from ._types import (
     Run,
     RunList,
 )
+
+T = TypeVar("T")
 
 # Keys of a run body that are not part of a schedule preview (see preview()).
 _RUN_ONLY_KEYS = ("world_size", "aggregate", "metadata")
@@ -164,33 +169,102 @@ def _etag_version(etag: str) -> int | None:
         return None
 
 
+def _window_headers(etag: str | None, binary: bool) -> dict[str, str] | None:
+    headers: dict[str, str] = {}
+    if etag:
+        headers["If-None-Match"] = etag if etag.startswith(('"', "W/")) else f'"{etag}"'
+    if binary:
+        headers["Accept"] = ACCEPT
+    return headers or None
+
+
+def _window_call(
+    run_id: str,
+    start: int,
+    count: int,
+    etag: str | None,
+    lease: bool,
+    binary: bool | None,
+    parse: Callable[[httpx.Response, int, int, dict[str, str] | None], T],
+) -> Call[T]:
+    start_ = cast(int, _nonneg_int("start", start, allow_none=False))
+    count_ = cast(int, _nonneg_int("count", count, allow_none=False))
+    if not count_:
+        raise UsageError("count must be at least 1")
+    # Binary whenever numpy is there to decode it; a server without the encoding answers
+    # JSON (the Accept names it too), and parse() goes by the answer's content type.
+    headers = _window_headers(etag, binary_supported() if binary is None else binary)
+    return Call(
+        "GET",
+        _run_path(run_id, "/lr"),
+        parse=lambda r: parse(r, start_, count_, headers),
+        params={"start": start_, "count": count_, "lease": _lease(lease)},
+        headers=headers,
+        accept=frozenset({304}),
+    )
+
+
+def _not_modified(
+    response: httpx.Response, run_id: str, start: int, count: int, headers: Any
+) -> LRWindow:
+    tag = response.headers.get("ETag") or headers["If-None-Match"]
+    version = _etag_version(tag)
+    return LRWindow(
+        run=run_id,
+        start=start,
+        count=count,
+        version=version if version is not None else -1,
+        etag=tag,
+        not_modified=True,
+        values=None,
+    )
+
+
+def _is_binary(response: httpx.Response) -> bool:
+    kind = response.headers.get("content-type", "")
+    return kind.split(";", 1)[0].strip().lower() == MEDIA_TYPE
+
+
+def _decoded(response: httpx.Response) -> DecodedWindow:
+    try:
+        return decode_window(response.content)
+    except (ValueError, KeyError, TypeError, zlib_error) as exc:
+        raise LRServeError(
+            f"GET {response.request.url.path}: the binary window could not be decoded: {exc}"
+        ) from None
+
+
 def get_lr_window(
-    run_id: str, start: int, count: int, etag: str | None = None, *, lease: bool = True
+    run_id: str,
+    start: int,
+    count: int,
+    etag: str | None = None,
+    *,
+    lease: bool = True,
+    binary: bool | None = None,
 ) -> Call[LRWindow]:
     """``GET /v1/runs/{id}/lr?start=&count=`` with ``If-None-Match``.
 
-    A trainer's fetch leases the window (``lease=False``: an inspection read, see API.md)."""
-    start_ = _nonneg_int("start", start, allow_none=False)
-    count_ = _nonneg_int("count", count, allow_none=False)
-    if not count_:
-        raise UsageError("count must be at least 1")
-    headers = None
-    if etag:
-        quoted = etag if etag.startswith(('"', "W/")) else f'"{etag}"'
-        headers = {"If-None-Match": quoted}
+    A trainer's fetch leases the window (``lease=False``: an inspection read, see API.md).
+    ``binary`` (default: when numpy is importable) asks for the compact binary encoding;
+    the values come back as lists either way."""
 
-    def parse(response: httpx.Response) -> LRWindow:
+    def parse(
+        response: httpx.Response, start_: int, count_: int, headers: dict[str, str] | None
+    ) -> LRWindow:
         if response.status_code == 304:
-            tag = response.headers.get("ETag") or headers["If-None-Match"]  # type: ignore[index]
-            version = _etag_version(tag)
+            return _not_modified(response, run_id, start_, count_, headers)
+        if _is_binary(response):
+            w = _decoded(response)
+            version = w.version
             return LRWindow(
-                run=run_id,
-                start=cast(int, start_),
-                count=count_,
-                version=version if version is not None else -1,
-                etag=tag,
-                not_modified=True,
-                values=None,
+                run=w.run,
+                start=w.start,
+                count=w.count,
+                version=version,
+                etag=response.headers.get("ETag") or f'"{version}"',
+                not_modified=False,
+                values=w.columns(),
             )
         body = json_body(response)
         version = int(body["version"])
@@ -204,14 +278,43 @@ def get_lr_window(
             values=body["groups"],
         )
 
-    return Call(
-        "GET",
-        _run_path(run_id, "/lr"),
-        parse=parse,
-        params={"start": start_, "count": count_, "lease": _lease(lease)},
-        headers=headers,
-        accept=frozenset({304}),
-    )
+    return _window_call(run_id, start, count, etag, lease, binary, parse)
+
+
+def get_lr_window_arrays(
+    run_id: str,
+    start: int,
+    count: int,
+    etag: str | None = None,
+    *,
+    lease: bool = True,
+    binary: bool = True,
+) -> Call[tuple[LRWindow, DecodedWindow | None]]:
+    """:func:`get_lr_window` for the schedulers: the values as one ``count x series``
+    float64 array (:class:`DecodedWindow`, needs numpy), never as lists; ``None`` with a 304.
+    """
+
+    def parse(
+        response: httpx.Response, start_: int, count_: int, headers: dict[str, str] | None
+    ) -> tuple[LRWindow, DecodedWindow | None]:
+        if response.status_code == 304:
+            return _not_modified(response, run_id, start_, count_, headers), None
+        if _is_binary(response):
+            w = _decoded(response)
+        else:
+            w = window_from_json(json_body(response), run_id, start_, count_)
+        meta = LRWindow(
+            run=w.run,
+            start=w.start,
+            count=w.count,
+            version=w.version,
+            etag=response.headers.get("ETag") or f'"{w.version}"',
+            not_modified=False,
+            values=None,
+        )
+        return meta, w
+
+    return _window_call(run_id, start, count, etag, lease, binary, parse)
 
 
 def report(

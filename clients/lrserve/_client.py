@@ -11,6 +11,8 @@ import httpx
 
 from . import _calls
 from ._base import ClientConfig
+from ._codec import DecodedWindow
+from ._errors import APIError
 from ._transport import Call, RetryPolicy
 from ._types import (
     CreateRunResult,
@@ -221,7 +223,34 @@ class Client:
         Pass the ``etag`` of the window you hold: while the run's version is unchanged
         the server answers 304 and the result has ``not_modified=True`` and no values.
         """
-        return self._send(_calls.get_lr_window(run_id, start, count, etag, lease=lease))
+        binary = getattr(self, "_window_binary", None)
+        try:
+            return self._send(
+                _calls.get_lr_window(run_id, start, count, etag, lease=lease, binary=binary)
+            )
+        except APIError as exc:
+            if exc.status != 406 or binary is False:
+                raise
+            # Something in between refuses the binary encoding: JSON from now on.
+            self._window_binary = False
+            return self._send(
+                _calls.get_lr_window(run_id, start, count, etag, lease=lease, binary=False)
+            )
+
+    def _get_lr_window_arrays(
+        self, run_id: str, start: int, count: int, etag: str | None = None
+    ) -> tuple[LRWindow, DecodedWindow | None]:
+        """:meth:`get_lr_window` as one float64 array (the schedulers' refresh; needs numpy)."""
+        binary = getattr(self, "_window_binary", None) is not False
+        try:
+            return self._send(
+                _calls.get_lr_window_arrays(run_id, start, count, etag, binary=binary)
+            )
+        except APIError as exc:
+            if exc.status != 406 or not binary:
+                raise
+            self._window_binary = False
+            return self._send(_calls.get_lr_window_arrays(run_id, start, count, etag, binary=False))
 
     def get_curve(
         self,

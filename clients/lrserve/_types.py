@@ -71,6 +71,8 @@ class Run(TypedDict):
     id: str
     spec: RunSpec
     version: int
+    #: Changes only when the run's values change: the version windows and their ETags name.
+    values_version: int
     created_at: str
     updated_at: str
     step: int | None

@@ -16,25 +16,79 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 __all__ = ["BoundWindow", "Window", "bind", "group_targets", "memory_key", "read_values"]
 
 # {group name: {field name: [value per step]}}
 Columns = dict[str, dict[str, list[float]]]
+Series = tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
 class Window:
-    """Values for steps ``start .. start + count - 1`` of one run version."""
+    """Values for steps ``start .. start + count - 1`` of one run version.
 
-    start: int
-    count: int
-    version: int
-    etag: str | None
-    columns: Columns
-    held: bool = False
-    """True when the values were not served but held at the last known ones (offline)."""
+    Held as one ``count x len(series)`` float64 array (what the binary encoding decodes to):
+    a step's values are one contiguous row, so binding a window converts nothing and
+    applying a step converts only that row (``tolist``). Built from ``columns``
+    (``{group: {field: [value per step]}}``) or from ``array`` and ``series``.
+    """
+
+    __slots__ = ("array", "count", "etag", "held", "series", "start", "version")
+
+    def __init__(
+        self,
+        start: int,
+        count: int,
+        version: int,
+        etag: str | None,
+        columns: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+        held: bool = False,
+        *,
+        array: npt.NDArray[np.float64] | None = None,
+        series: Series | None = None,
+    ) -> None:
+        self.start = start
+        self.count = count
+        self.version = version
+        self.etag = etag
+        #: True when the values were not served but held at the last known ones (offline).
+        self.held = held
+        if array is None or series is None:
+            if columns is None:
+                raise TypeError("Window needs columns, or array and series")
+            series = tuple((g, f) for g, fs in columns.items() for f in fs)
+            array = np.empty((count, len(series)), dtype=np.float64)
+            for j, (g, f) in enumerate(series):
+                array[:, j] = np.asarray(columns[g][f], dtype=np.float64)[:count]
+        #: ``array[i, j]``: series ``series[j]`` at step ``start + i``.
+        self.array: npt.NDArray[np.float64] = array
+        #: ``(group, field)`` per column of ``array``.
+        self.series: Series = tuple(series)
+
+    def __repr__(self) -> str:
+        return (
+            f"Window(start={self.start}, count={self.count}, version={self.version}, "
+            f"series={len(self.series)}, held={self.held})"
+        )
+
+    @property
+    def columns(self) -> Columns:
+        """``{group: {field: [value per step]}}`` (built on each call: not for hot paths)."""
+        out: Columns = {}
+        by_series = self.array.T
+        for j, (g, f) in enumerate(self.series):
+            out.setdefault(g, {})[f] = by_series[j].tolist()
+        return out
+
+    def fields(self) -> dict[str, tuple[str, ...]]:
+        """The field names of each group, in the window's order."""
+        out: dict[str, list[str]] = {}
+        for g, f in self.series:
+            out.setdefault(g, []).append(f)
+        return {g: tuple(fs) for g, fs in out.items()}
 
     @property
     def end(self) -> int:
@@ -47,24 +101,34 @@ class Window:
 
     def values_at(self, step: int) -> dict[str, dict[str, float]]:
         """Every group's values at ``step`` (which must be covered)."""
-        i = step - self.start
-        return {g: {f: col[i] for f, col in fields.items()} for g, fields in self.columns.items()}
+        row = self.array[step - self.start].tolist()
+        out: dict[str, dict[str, float]] = {}
+        for (g, f), v in zip(self.series, row, strict=True):
+            out.setdefault(g, {})[f] = v
+        return out
 
     def sliced(self, start: int, count: int) -> Window:
         """The part of this window from ``start`` on, at most ``count`` steps long."""
         i = start - self.start
         j = min(i + count, self.count)
-        cols = {g: {f: col[i:j] for f, col in fs.items()} for g, fs in self.columns.items()}
-        return Window(start, j - i, self.version, self.etag, cols, self.held)
+        part = np.ascontiguousarray(self.array[i:j])
+        return Window(
+            start, j - i, self.version, self.etag, None, self.held, array=part, series=self.series
+        )
 
     @staticmethod
     def held_at(
         step: int, count: int, version: int, values: Mapping[str, Mapping[str, float]]
     ) -> Window:
         """A window that repeats ``values`` (the last known ones) for ``count`` steps."""
-        cols = {g: {f: [v] * count for f, v in fs.items()} for g, fs in values.items()}
-        return Window(step, count, version, None, cols, held=True)
+        series = tuple((g, f) for g, fs in values.items() for f in fs)
+        row = np.array([values[g][f] for g, f in series], dtype=np.float64)
+        array = np.ascontiguousarray(np.broadcast_to(row, (count, len(series))))
+        return Window(step, count, version, None, None, True, array=array, series=series)
 
+
+LISTED_VALUES = 1 << 16
+"""Windows of at most this many values are bound as lists of rows (see BoundWindow)."""
 
 # Where a field of the wire lives in a torch param group: (key, index in a tuple or None).
 _FIELD_KEYS: dict[str, tuple[str, int | None]] = {
@@ -98,28 +162,50 @@ class BoundWindow:
     A copy of that list when two targets are one tensor (see :func:`bind`), so that the
     step path, which checks ``groups is optimizer.param_groups``, takes its slow path.
     """
-    floats: list[tuple[dict[str, Any], str, Sequence[Any]]]
-    """``(param_group, key, column)``: ``param_group[key] = column[i]``."""
-    fills: list[tuple[torch.Tensor, list[float]]]
-    """CPU tensors, written with ``fill_`` (cheapest for a handful of 0-d CPU tensors)."""
+    floats: list[tuple[dict[str, Any], str, int]]
+    """``(param_group, key, j)``: ``param_group[key] = row[j]``."""
+    tuples: list[tuple[dict[str, Any], str, tuple[Any, ...], tuple[Any, ...], int]]
+    """``(param_group, key, head, rest, j)``: ``param_group[key] = (*head, row[j], *rest)``
+    (a float ``betas[0]``)."""
+    fills: list[tuple[torch.Tensor, int]]
+    """CPU tensors, written with ``fill_(row[j])`` (cheapest for a handful of 0-d tensors)."""
     buckets: list[tuple[list[torch.Tensor], torch.Tensor]]
     """Accelerator tensors of one device/dtype/shape: ``_foreach_copy_(targets, rows[i])``."""
+    refill: int | None = None
+    """Index at which the refresher is woken to fetch the next window (default: half way)."""
+    rows: Any = field(init=False)
+    """Step ``start + i``'s row: ``rows[i]`` (a list when ``listed``) or ``rows[i].tolist()``."""
+    listed: bool = field(init=False)
+    """Whether ``rows`` is a list of lists: a small window (up to ``LISTED_VALUES`` values)
+    is converted once here, in C (under a millisecond), which saves a step the cost of
+    converting its row; a large one would hold the GIL too long and is converted by row."""
+    python: bool = field(init=False)
+    """Whether a step writes anything from the row as Python floats (floats/tuples/fills)."""
     start: int = field(init=False)
     count: int = field(init=False)
     refill_at: int = field(init=False)
-    """Index at which the refresher is woken to fetch the next window."""
 
     def __post_init__(self) -> None:
+        array = self.window.array
+        listed = array.size <= LISTED_VALUES
+        object.__setattr__(self, "rows", array.tolist() if listed else array)
+        object.__setattr__(self, "listed", listed)
+        object.__setattr__(self, "python", bool(self.floats or self.tuples or self.fills))
         object.__setattr__(self, "start", self.window.start)
         object.__setattr__(self, "count", self.window.count)
-        object.__setattr__(self, "refill_at", max(0, self.window.count // 2))
+        at = max(0, self.window.count // 2) if self.refill is None else self.refill
+        object.__setattr__(self, "refill_at", at)
 
     def apply(self, i: int) -> None:
         """Write the values of index ``i`` (step ``start + i``) into the param groups."""
-        for d, k, col in self.floats:
-            d[k] = col[i]
-        for t, c in self.fills:
-            t.fill_(c[i])
+        if self.python:
+            row = self.rows[i] if self.listed else self.rows[i].tolist()
+            for d, k, j in self.floats:
+                d[k] = row[j]
+            for d, k, head, rest, j in self.tuples:
+                d[k] = (*head, row[j], *rest)
+            for t, j in self.fills:
+                t.fill_(row[j])
         for targets, rows in self.buckets:
             torch._foreach_copy_(targets, rows[i].unbind(0))
 
@@ -130,6 +216,7 @@ def bind(
     groups: list[dict[str, Any]],
     *,
     fill_on_cpu: bool = True,
+    refill: int | None = None,
 ) -> BoundWindow:
     """Lay out ``window`` for the optimizer param groups ``groups`` named ``names``.
 
@@ -137,39 +224,43 @@ def bind(
     written in place on their own device and dtype, so the tensor objects never change
     and a compiled optimizer step sees the same tensors every time. CPU tensors are
     written with ``fill_`` (``fill_on_cpu=False`` uses the accelerator path instead).
+    Nothing is converted value by value here: a step converts its own row.
     """
-    floats: list[tuple[dict[str, Any], str, Sequence[Any]]] = []
-    fills: list[tuple[torch.Tensor, list[float]]] = []
-    pending: dict[tuple[Any, ...], list[tuple[torch.Tensor, list[float]]]] = {}
+    floats: list[tuple[dict[str, Any], str, int]] = []
+    tuples: list[tuple[dict[str, Any], str, tuple[Any, ...], tuple[Any, ...], int]] = []
+    fills: list[tuple[torch.Tensor, int]] = []
+    pending: dict[tuple[Any, ...], list[tuple[torch.Tensor, int]]] = {}
+    index = {gf: j for j, gf in enumerate(window.series)}
+    fields_of = window.fields()
     for name, group in zip(names, groups, strict=True):
-        for fname, col in window.columns.get(name, {}).items():
-            key, index = _target_key(fname)
+        for fname in fields_of.get(name, ()):
+            j = index[(name, fname)]
+            key, pos = _target_key(fname)
             current = group.get(key)
-            if index is not None:
-                if not isinstance(current, (tuple, list)) or len(current) <= index:
+            if pos is not None:
+                if not isinstance(current, (tuple, list)) or len(current) <= pos:
                     continue  # the optimizer has no such field (e.g. betas on SGD)
-                element = current[index]
+                element = current[pos]
                 if isinstance(element, torch.Tensor):
-                    _add_tensor(element, col, fills, pending, fill_on_cpu)
+                    _add_tensor(element, j, fills, pending, fill_on_cpu)
                 else:
-                    # A float betas[0] lives in a tuple: prebuild the tuples once here
-                    # so the step path is a plain assignment.
-                    rest = tuple(current[index + 1 :])
-                    head = tuple(current[:index])
-                    floats.append((group, key, [(*head, v, *rest) for v in col]))
+                    tuples.append((group, key, tuple(current[:pos]), tuple(current[pos + 1 :]), j))
                 continue
             if isinstance(current, torch.Tensor):
-                _add_tensor(current, col, fills, pending, fill_on_cpu)
+                _add_tensor(current, j, fills, pending, fill_on_cpu)
             else:
-                floats.append((group, key, col))
+                floats.append((group, key, j))
     targets = [t for t, _ in fills] + [t for items in pending.values() for t, _ in items]
     aliased = len({memory_key(t) for t in targets}) < len(targets)
     buckets = []
     for (device, dtype, shape), items in pending.items():
-        rows = torch.tensor([c for _, c in items], dtype=torch.float64).T.contiguous()
-        rows = rows.to(device=device, dtype=dtype).reshape(len(rows), len(items), *shape)
+        picked = np.ascontiguousarray(window.array[:, [j for _, j in items]])
+        rows = torch.from_numpy(picked).to(device=device, dtype=dtype)
+        rows = rows.reshape(len(rows), len(items), *shape)
         buckets.append(([t for t, _ in items], rows))
-    return BoundWindow(window, list(groups) if aliased else groups, floats, fills, buckets)
+    return BoundWindow(
+        window, list(groups) if aliased else groups, floats, tuples, fills, buckets, refill
+    )
 
 
 def memory_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -183,18 +274,18 @@ def memory_key(t: torch.Tensor) -> tuple[Any, ...]:
 
 def _add_tensor(
     target: torch.Tensor,
-    col: list[float],
-    fills: list[tuple[torch.Tensor, list[float]]],
-    pending: dict[tuple[Any, ...], list[tuple[torch.Tensor, list[float]]]],
+    j: int,
+    fills: list[tuple[torch.Tensor, int]],
+    pending: dict[tuple[Any, ...], list[tuple[torch.Tensor, int]]],
     fill_on_cpu: bool,
 ) -> None:
     if fill_on_cpu and target.device.type == "cpu":
-        fills.append((target, col))
+        fills.append((target, j))
     else:
         # On an accelerator one multi-tensor copy from a device-resident window replaces
         # a kernel launch per tensor, and nothing crosses to the host.
         pending.setdefault((target.device, target.dtype, tuple(target.shape)), []).append(
-            (target, col)
+            (target, j)
         )
 
 

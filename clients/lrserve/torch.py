@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import warnings
@@ -73,6 +74,9 @@ Aggregate = Literal["mean", "min", "max", "rank0"]
 # Errors that mean "the service is not answering right now" (as opposed to "the request
 # is wrong"): the scheduler keeps training on what it has and tries again later.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (TransportError, ServerError, httpx.HTTPError)
+
+
+MAX_WINDOW = 100_000  # the server's longest window
 
 
 class LRServeOfflineWarning(UserWarning):
@@ -274,6 +278,19 @@ class RemoteScheduler(LRScheduler):
         self._names: list[str] | None = None
         self._bound: BoundWindow | None = None
         self._next: Window | None = None  # chief rank 0: fetched, applied at the next sync
+        # The window after the bound one, fetched and bound by the refresher before the loop
+        # gets there: step() swaps it in at the boundary instead of fetching (and waiting).
+        self._ahead: BoundWindow | None = None
+        self._bound_since = time.monotonic()  # when the bound window's first step ran
+        self._fast = False  # the loop consumes a window in about the time a fetch takes
+        # While the refresher fetches, step() hands it the GIL at every step (sleep(0)): a
+        # busy loop would otherwise hold it for the whole switch interval (5 ms) each time
+        # the refresher's thread comes back from the network, a fetch would take tens of
+        # ms, and the loop would run out of values waiting for it.
+        self._yield = False
+        self._validated_at = -math.inf  # when the server last confirmed the window's version
+        self._ahead_ready = threading.Event()  # set when no fetch of the next window runs
+        self._ahead_ready.set()
         self._outbox: deque[tuple[int, dict[str, float | None]]] = deque()
         self._io_lock = threading.RLock()
         self._offline = False
@@ -347,16 +364,26 @@ class RemoteScheduler(LRScheduler):
             i = s - b.start
             if 0 <= i < b.count:
                 self._step = s
-                for d, k, col in b.floats:
-                    d[k] = col[i]
-                if b.fills:
-                    for t, c in b.fills:
-                        t.fill_(c[i])
+                if b.python:
+                    # One row converted per step (a C loop); nothing per value at bind time.
+                    row = b.rows[i] if b.listed else b.rows[i].tolist()
+                    for d, k, j in b.floats:
+                        d[k] = row[j]
+                    if b.tuples:
+                        for d, k, head, rest, j in b.tuples:
+                            d[k] = (*head, row[j], *rest)
+                    if b.fills:
+                        for t, j in b.fills:
+                            t.fill_(row[j])
                 if b.buckets:
                     for targets, rows in b.buckets:
                         torch._foreach_copy_(targets, rows[i].unbind(0))
                 if i == b.refill_at:
                     self._wake.set()
+                    # Until the refresher has run (see __init__); ranks without one never.
+                    self._yield = self._thread is not None
+                elif self._yield:
+                    time.sleep(0)
                 return
         self._step_slow(s)
 
@@ -376,6 +403,16 @@ class RemoteScheduler(LRScheduler):
             self._step = s
             self._chief_sync(s)
             return
+        if b is not None and not b.window.covers(s) and not self._ahead_ready.is_set():
+            # The refresher is fetching the next window: wait for it rather than send the
+            # same request again (two fetches at once make both slower).
+            self._ahead_ready.wait(self._client_timeout())
+        if b is not None and not b.window.covers(s) and self._swap_ahead(b, s):
+            b = self._bound
+            assert b is not None
+            self._step = s
+            b.apply(s - b.start)
+            return
         if b is None or not b.window.covers(s):
             # Ahead of the window (a fast loop outran the refresher): fetch now rather
             # than apply a wrong value. Offline, don't: every step would wait.
@@ -390,6 +427,22 @@ class RemoteScheduler(LRScheduler):
             b.apply(s - b.start)
             return
         self._hold(s)
+
+    def _swap_ahead(self, b: BoundWindow, s: int) -> bool:
+        """Make the prefetched next window the bound one when it covers ``s``."""
+        with self._io_lock:
+            a = self._ahead
+            if a is None or not a.window.covers(s) or a.groups is not self.optimizer.param_groups:
+                return False
+            self._ahead = None
+            if self._bound is not b or _changed(b.window, a.window):
+                return False  # the run changed meanwhile: the prefetched values are stale
+            self._bound = a
+            self._bound_since = time.monotonic()
+        # The refresher fetches the window after this one (at once when the loop is fast).
+        self._wake.set()
+        self._yield = True
+        return True
 
     def _hold(self, s: int) -> None:
         self._wake.set()
@@ -727,7 +780,7 @@ class RemoteScheduler(LRScheduler):
         b = self._bound
         if b is None:
             return {n: ("lr",) for n in self._group_names()}
-        return {g: tuple(fs) for g, fs in b.window.columns.items()}
+        return b.window.fields()
 
     def _attach(self) -> None:
         """Create the run (when given a spec) or look it up; learn the group names."""
@@ -754,10 +807,12 @@ class RemoteScheduler(LRScheduler):
                 )
         self._names = [str(g["name"]) for g in groups]
 
-    def _fetch(self, start: int, etag: str | None = None) -> Window:
+    def _fetch(self, start: int, etag: str | None = None, size: int | None = None) -> Window:
         assert self._client is not None
+        client = self._client
+        n = self._window_size if size is None else min(size, MAX_WINDOW)
         try:
-            w = self._client.get_lr_window(self.run_id, start, self._window_size, etag=etag)
+            meta, w = client._get_lr_window_arrays(self.run_id, start, n, etag)
         except APIError as exc:
             # Over the server's work budget (many groups, a costly schedule): the refusal
             # names the largest window that fits; fetch that, and keep that size from now on.
@@ -765,10 +820,11 @@ class RemoteScheduler(LRScheduler):
             if exc.slug != "work-limit" or not isinstance(fits, int) or fits < 1:
                 raise
             self._window_size = min(self._window_size, max(2, fits))
-            w = self._client.get_lr_window(self.run_id, start, self._window_size, etag=etag)
-        if w.not_modified or w.values is None:
+            meta, w = client._get_lr_window_arrays(self.run_id, start, self._window_size, etag)
+        self._validated_at = time.monotonic()
+        if meta.not_modified or w is None:
             raise _NotModified
-        return Window(w.start, w.count, w.version, w.etag, w.values)
+        return Window(w.start, w.count, w.version, meta.etag, array=w.array, series=tuple(w.series))
 
     def _install(self, w: Window, force: bool = False) -> None:
         """Make ``w`` the window ``step()`` reads, if it is newer or reaches further."""
@@ -782,6 +838,10 @@ class RemoteScheduler(LRScheduler):
             if force or b is None or _better(w, b.window):
                 # One reference assignment: step() sees the old window or the new one.
                 self._bound = bind(w, self._group_names(), self.optimizer.param_groups)
+                self._bound_since = time.monotonic()
+                a = self._ahead
+                if a is not None and (force or a.window.start != w.end or _better(w, a.window)):
+                    self._ahead = None
 
     # -- the background refresher ----------------------------------------------------
 
@@ -792,8 +852,9 @@ class RemoteScheduler(LRScheduler):
             self._wake.clear()
             if self._stop.is_set():
                 break
-            self._heartbeat_if_due()
             try:
+                # The refresh first: a heartbeat is a request the loop's values need not
+                # wait behind.
                 self._refresh_once()
             except _UNAVAILABLE as exc:
                 self._went_offline(exc)
@@ -803,6 +864,9 @@ class RemoteScheduler(LRScheduler):
                 log.exception("lrserve: window refresh failed")
                 delay = self._poll_interval
                 continue
+            finally:
+                self._yield = False
+                self._heartbeat_if_due()
             delay = self._poll_interval if not self._offline else 0.05
 
     def _refresh_once(self) -> None:
@@ -813,7 +877,24 @@ class RemoteScheduler(LRScheduler):
         w = (self._next if self._collective else None) or (
             self._bound.window if self._bound else None
         )
+        b = None if self._collective else self._bound
+        if b is not None and not b.window.held and b.start <= cur < b.start + b.count:
+            if cur >= b.start + b.refill_at and self._fetch_ahead(b, cur):
+                return
+            if self._ahead is not None:
+                # The next window is in hand: revalidate the current one (a 304 while
+                # nothing changed) rather than fetch it again.
+                try:
+                    new = self._fetch(cur, etag=b.window.etag)
+                except _NotModified:
+                    self._back_online()
+                    return
+                self._install(new)
+                self._back_online()
+                return
         low = w is None or w.held or cur >= w.start + w.count // 2 or cur < w.start
+        if not low and time.monotonic() - self._validated_at < self._poll_interval:
+            return  # woken at a window boundary: the version was confirmed just now
         try:
             new = self._fetch(cur, etag=None if low else w.etag if w else None)
         except _NotModified:
@@ -821,6 +902,54 @@ class RemoteScheduler(LRScheduler):
             return
         self._install(new)
         self._back_online()
+
+    def _fetch_ahead(self, b: BoundWindow, cur: int) -> bool:
+        """Fetch and bind the window that follows ``b`` (False: nothing to do here)."""
+        a = self._ahead
+        if a is not None and a.window.start == b.window.end:
+            return False
+        t0 = time.monotonic()
+        self._ahead_ready.clear()
+        self._yield = True
+        # A fast loop gets longer windows ahead (up to 8x): the same time's worth of
+        # values per fetch as a slower loop gets, so the lease reaches no further in time.
+        size = self._window_size * (8 if self._fast else 1)
+        try:
+            new = self._fetch(b.window.end, size=size)
+        except BaseException:
+            self._yield = False
+            self._ahead_ready.set()
+            raise
+        took = time.monotonic() - t0
+        if _changed(new, b.window):
+            # A newer version (or a re-created run): the bound window is stale too.
+            self._install(self._fetch(self._step), force=True)
+            self._back_online()
+            return True
+        # A loop that would reach the boundary within a few fetch times gets the next
+        # window asked for at its first step (a whole window of time), else half way.
+        elapsed = max(time.monotonic() - self._bound_since, 1e-9)
+        done = max(cur - b.start, 1)
+        left = (b.window.end - cur) * elapsed / done
+        self._fast = left < 4 * took
+        try:
+            with self._io_lock:
+                if self._bound is b:
+                    refill = 0 if self._fast else None
+                    self._ahead = bind(
+                        new, self._group_names(), self.optimizer.param_groups, refill=refill
+                    )
+        finally:
+            self._yield = False
+            self._ahead_ready.set()
+        self._back_online()
+        return True
+
+    def _client_timeout(self) -> float:
+        """Seconds a step may wait for the refresher's fetch (one request's read timeout)."""
+        timeout = getattr(self._client, "_config", None)
+        read = getattr(getattr(timeout, "timeout", None), "read", None)
+        return float(read) if isinstance(read, (int, float)) else 30.0
 
     def _heartbeat_if_due(self) -> None:
         """Rank 0, from this background thread: tell the service the job is alive (the run
@@ -1020,6 +1149,14 @@ def _incarnation(etag: str | None) -> str | None:
         return None
     tag = etag.removeprefix("W/").strip('"')
     return tag.split("-", 1)[1] if "-" in tag else None
+
+
+def _changed(new: Window, old: Window) -> bool:
+    """Whether ``new`` belongs to a later version (or another incarnation) than ``old``."""
+    a, b = _incarnation(new.etag), _incarnation(old.etag)
+    if a is not None and b is not None and a != b:
+        return True
+    return new.version > old.version
 
 
 def _better(new: Window, old: Window) -> bool:

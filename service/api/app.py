@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from service.api.routers import (
     stream,
 )
 from service.config import Settings
+from service.runs.model import COMPILED
 from service.runs.repository import StoreFault
 
 log = logging.getLogger("lrserve.app")
@@ -40,6 +42,8 @@ log = logging.getLogger("lrserve.app")
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app for ``settings`` (default: from ``LRSERVE_*`` environment variables)."""
     settings = settings if settings is not None else Settings.from_env()
+    # The compiled-schedule cache is the process's (pure functions of spec texts share it).
+    COMPILED.resize(settings.compile_cache_bytes)
     store_holder = StoreHolder(settings)
 
     @asynccontextmanager
@@ -65,6 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     }
                 },
             )
+        # Everything built so far (modules, routes, the compiled OpenAPI models) lives as long
+        # as the process: out of the collector's sight, a full collection no longer walks
+        # ~10^5 objects while holding the GIL (about 100 ms on a 2-core machine, which every
+        # request in flight waited for).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -11,6 +11,7 @@ from fastapi import Request
 from service.config import Settings
 from service.runs.repository import Store, StoreBusy, StoreFault
 from service.runs.service import Runs
+from service.runs.values import ValuesCache
 
 log = logging.getLogger("lrserve.store")
 
@@ -59,6 +60,7 @@ class StoreHolder:
                 self._candidate = None
                 self.runs = Runs(
                     candidate,
+                    cache=ValuesCache(self.settings.cache_bytes),
                     max_wait_seconds=self.settings.max_wait_seconds,
                     wait_poll_seconds=self.settings.wait_poll_seconds,
                     max_curve_span=self.settings.max_curve_span,

@@ -229,6 +229,10 @@ class RunOut(_Answer):
     id: str
     spec: dict[str, Any]
     version: int
+    values_version: int = Field(
+        description="changes only when the run's values change (a reduction, an override, "
+        "an amendment, a rewind): the version windows, GET lr and their ETags name"
+    )
     created_at: str
     updated_at: str
     step: int | None = Field(description="highest step any rank reported")

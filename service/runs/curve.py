@@ -49,19 +49,15 @@ def decimate(
             e += 1
         lo, hi = int(edges[b]), int(edges[e])
         values = evaluate(lo, hi - lo)
-        keep: set[int] = set()
-        if b == 0:
-            keep.add(0)
+        chunk_edges = edges[b : e + 1]
+        rows = _bucket_index(chunk_edges)
+        keep = [np.array([0] if b == 0 else [], dtype=np.int64)]
         if e == n_buckets:
-            keep.add(hi - lo - 1)
+            keep.append(np.array([hi - lo - 1], dtype=np.int64))
         for fs in values.values():
             for series in fs.values():
-                for k in range(b, e):
-                    a, z = int(edges[k]) - lo, int(edges[k + 1]) - lo
-                    seg = series[a:z]
-                    keep.add(a + int(np.argmin(seg)))
-                    keep.add(a + int(np.argmax(seg)))
-        idx = np.fromiter(sorted(keep), dtype=np.int64)
+                keep.append(_first_extremes(series, chunk_edges, rows))
+        idx = np.unique(np.concatenate(keep))
         answered = (len(steps) + len(idx)) * sum(len(fs) for fs in values.values())
         if max_values is not None and answered > max_values:
             raise WorkLimitExceeded(
@@ -79,6 +75,35 @@ def decimate(
                 dest.setdefault(f, []).extend(series[idx].tolist())
         b = e
     return steps, out
+
+
+def _bucket_index(edges: npt.NDArray[np.int64]) -> npt.NDArray[np.int64] | None:
+    """Buckets ``[edges[k], edges[k + 1])`` (relative to ``edges[0]``, none empty) as rows of
+    indices, each row padded with its bucket's last index (``None`` when every bucket has
+    the same length: a reshape then does). A padded copy comes after the step it repeats, so
+    a row's first minimum and maximum are its bucket's."""
+    lengths = np.diff(edges)
+    if lengths.min() == lengths.max():
+        return None
+    rel = edges - edges[0]
+    cols = np.arange(int(lengths.max()), dtype=np.int64)
+    return np.minimum(rel[:-1, None] + cols[None, :], rel[1:, None] - 1)
+
+
+def _first_extremes(
+    series: npt.NDArray[np.float64],
+    edges: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.int64] | None,
+) -> npt.NDArray[np.int64]:
+    """Per bucket, the indices (relative to ``edges[0]``) of its first minimum and first
+    maximum, exactly as ``np.argmin``/``np.argmax`` of each bucket give them (NaN included),
+    in a few numpy calls instead of two per bucket (20 s for 10^6 steps at 1,024 groups)."""
+    starts = edges[:-1] - edges[0]
+    if rows is None:
+        table = series[: int(edges[-1] - edges[0])].reshape(len(starts), -1)
+    else:
+        table = series[rows]
+    return np.concatenate([starts + table.argmin(axis=1), starts + table.argmax(axis=1)])
 
 
 def decimate_sampled(

@@ -11,7 +11,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -20,6 +19,7 @@ from pydantic import Field, field_validator
 
 from service.runs.errors import InvalidArgument, ReportConflict, StaleReport, TooLate
 from service.runs.timeline import MAX_AMENDMENTS, Timeline, timeline
+from service.runs.values import BytesLRU
 from service.schedules import Program, ScheduleSpec
 
 Aggregate = Literal["mean", "min", "max", "rank0"]
@@ -133,23 +133,55 @@ class Compiled:
     program: Program
 
 
-@lru_cache(maxsize=512)
+DEFAULT_COMPILE_CACHE_BYTES = 48 * 1024 * 1024
+"""The compiled schedules' budget unless ``LRSERVE_COMPILE_CACHE_BYTES`` says otherwise."""
+
+COMPILED: BytesLRU[Any] = BytesLRU(DEFAULT_COMPILE_CACHE_BYTES)
+"""Compiled specs and run timelines of this process, least recently used out by (estimated)
+bytes: a pure function of their texts, so only an optimisation. Sized by bytes rather than a
+count so that a thousand small runs all stay compiled while a few huge ones cannot take
+gigabytes; ``create_app`` sets the budget from the settings."""
+
+_BYTES_PER_SPEC_CHAR = 48
+"""Estimated bytes of the parsed models and compiled nodes per character of spec text
+(measured with tracemalloc: 20-55 for small and 64-group specs)."""
+_MEMO_STEPS = 4 * 256
+"""Steps of a program's one-step memo an active run holds (four of its 256-step blocks)."""
+
+
+def program_bytes(program: Program, text: str) -> int:
+    """An estimate of what a compiled program holds: its nodes, in proportion to the spec's
+    text, and the one-step memo an active run keeps filled (float64 per series and step)."""
+    return 4096 + _BYTES_PER_SPEC_CHAR * len(text) + program.series * _MEMO_STEPS * 8
+
+
 def compile_spec(spec_text: str) -> Compiled:
     """Parse and compile a stored (normalised) spec.
 
     A pure function of the text, so caching it per process is only an optimisation: the
     stored spec of a run id can change only by delete + create, which changes the text.
     """
-    spec = RunSpec.model_validate_json(spec_text)
-    return Compiled(spec, Program(spec))
+    key = ("spec", spec_text)
+    compiled: Compiled | None = COMPILED.get(key)
+    if compiled is None:
+        spec = RunSpec.model_validate_json(spec_text)
+        compiled = Compiled(spec, Program(spec))
+        COMPILED.put(key, compiled, program_bytes(compiled.program, spec_text))
+    return compiled
 
 
-@lru_cache(maxsize=512)
 def compile_run(spec_text: str, amendments_text: str = "[]") -> Timeline:
     """The run's whole schedule: its spec's program and its amendments (cached per text)."""
-    compiled = compile_spec(spec_text)
-    amendments = [] if amendments_text == "[]" else json.loads(amendments_text)
-    return timeline(compiled.spec, amendments, compiled.program)
+    key = ("run", spec_text, amendments_text)
+    schedule: Timeline | None = COMPILED.get(key)
+    if schedule is None:
+        compiled = compile_spec(spec_text)
+        amendments = [] if amendments_text == "[]" else json.loads(amendments_text)
+        schedule = timeline(compiled.spec, amendments, compiled.program)
+        # The base program is counted under its spec's entry; amendments compile their own.
+        size = 512 + _BYTES_PER_SPEC_CHAR * len(amendments_text)
+        COMPILED.put(key, schedule, size)
+    return schedule
 
 
 # -- values: schedule, then overrides ----------------------------------------------------

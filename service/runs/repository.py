@@ -12,6 +12,7 @@ state between calls, so several processes or replicas on one database see one hi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -86,6 +87,10 @@ class RunRecord:
     step: int | None = None
     completed_step: int | None = None
     event_seq: int = 0
+    values_version: int = 1
+    """Changes only when the run's values change (a reduction, an override, an amendment, a
+    rewind): what window and GET lr ETags name (schema v4; ``version`` changes on every
+    report)."""
     created_at: str = field(default_factory=utcnow)
     updated_at: str = field(default_factory=utcnow)
     # The run list's columns (schema v3; see service/runs/listing.py for how they derive).
@@ -234,6 +239,10 @@ class RunTx(Protocol):
 
     def insert_report(self, report: ReportRow) -> None: ...
 
+    def count_step_report(self, step: int) -> int:
+        """Count one more rank's report for ``step`` (just inserted); the step's count now.
+        Kept incrementally, so a partial report reads no other rank's row."""
+
     def insert_report_if_absent(self, report: ReportRow) -> bool:
         """Insert unless a report with the same (step, rank) exists; True when inserted."""
 
@@ -260,6 +269,10 @@ class RunTx(Protocol):
 
     def highest_report_step(self) -> int | None:
         """The highest step any rank reported on the run's timeline."""
+
+    def announce_completed(self, step: int) -> None:
+        """Tell the other replicas, at commit, that ``step`` completed (their waiting
+        reports wake: :meth:`Store.listen`); nothing where there is no such channel."""
 
 
 class Store(Protocol):
@@ -334,11 +347,15 @@ class Store(Protocol):
         """The latest event of ``type`` recorded for ``step`` on the run's timeline."""
 
     def run_version(self, run_id: str) -> tuple[int, str, int | None, int] | None:
-        """(version, created_at, step, leased_until) of the run; the first two identify its
-        content."""
+        """(values_version, created_at, step, leased_until) of the run; the first two identify
+        its values."""
 
     def abandoned_reports(self, run_id: str) -> list[AbandonedReportRow]:
         """Every report rewinds set aside, ordered by (rewind, step, rank)."""
 
     def completed_step(self, run_id: str) -> tuple[bool, int | None]:
         """(exists, completed_step): the cheap read ``?wait=`` polls."""
+
+    def listen(self, heard: Callable[[str, int], None]) -> bool:
+        """Call ``heard(run_id, step)`` (from another thread) whenever any replica commits a
+        completed step; False where the store has no such channel (then waits poll)."""

@@ -37,6 +37,8 @@ from anyio import to_thread
 
 from service.runs.curve import decimate, decimate_sampled
 from service.runs.errors import InvalidArgument, RewindConflict, RunConflict, RunNotFound
+from service.runs.gcpause import gc_paused
+from service.runs.groupcommit import GroupWriter
 from service.runs.listing import (
     DEFAULT_IDLE_AFTER,
     Status,
@@ -193,6 +195,8 @@ class Run:
     created_at: str
     updated_at: str
     last_report_at: str | None = None
+    values_version: int = 1
+    """Changes only when the values change (what window and GET lr ETags name)."""
     heartbeat_at: str | None = None
     heartbeat_step: int | None = None
     finished: bool = False
@@ -231,6 +235,7 @@ class Run:
             amendments=_list(record.amendments),
             rewinds=_list(record.rewinds),
             version=record.version,
+            values_version=record.values_version,
             step=record.step,
             completed_step=record.completed_step,
             leased_until=record.leased_until,
@@ -264,8 +269,10 @@ def _list(text: str) -> list[dict[str, Any]]:
 
 
 class RunVersion(NamedTuple):
-    """What identifies a run's values: ``(version, created_at)``; its current step, and how
-    far trainers have been handed values (``leased_until``, exclusive)."""
+    """What identifies a run's values: ``(version, created_at)``, where ``version`` is the
+    run's *values* version (``values_version``: it changes only when values change, not on
+    a partial report); its current step, and how far trainers have been handed values
+    (``leased_until``, exclusive)."""
 
     version: int
     created_at: str
@@ -392,6 +399,9 @@ class ReportResult:
     completed_now: bool = False
     state: dict[str, Any] | None = None
     """``run.state`` parsed (the caller's answer evaluates with it; saves parsing it again)."""
+    next_groups: dict[str, dict[str, float]] | None = None
+    """The values at ``step + 1`` once an answer computed them (every waiter woken by this
+    completion answers with them: evaluated once, not once per rank)."""
 
 
 def create_run(
@@ -457,16 +467,21 @@ def report(
         inserted = tx.insert_report_if_absent(
             ReportRow(step, rank, values_text, tx.now, run.branch)
         )
-        if inserted and compiled.spec.world_size == 1:
-            existing: list[tuple[int, str]] = []
-        else:
+        world_size = compiled.spec.world_size
+        # The step's count is kept incrementally: a partial report reads no other rank's row
+        # (with N ranks, reading them made a step cost O(N^2)). Only the completing report
+        # reads the step's rows, once, to aggregate them; a repeated key reads them to
+        # answer as the first time did.
+        counted = tx.count_step_report(step) if inserted and world_size > 1 else 1
+        existing: list[tuple[int, str]] = []
+        if not inserted or counted >= world_size > 1:
             existing = [
                 (r.rank, r.values) for r in tx.reports_at(step) if r.rank != rank or not inserted
             ]
         state = json.loads(run.state)
         plan: ReportPlan = plan_report(
             compiled,
-            compile_run(run.spec, run.amendments),
+            schedule,
             state,
             run.completed_step,
             step,
@@ -474,6 +489,9 @@ def report(
             values_text,
             existing,
         )
+        if inserted and not plan.complete:
+            # plan_report saw this rank alone (and refused a stale step): the count is kept.
+            plan = dataclasses.replace(plan, reported_ranks=counted)
         if plan.duplicate:
             decision = None
             if plan.complete:
@@ -505,9 +523,13 @@ def report(
         run.leased_until = max(run.leased_until, step + 2)
         if plan.completes_now:
             assert plan.new_state is not None and plan.decision is not None
+            if plan.decision.get("reduced") or _reductions(plan.new_state) != _reductions(state):
+                # The values changed from step + 1 on: cached windows are stale now.
+                run.values_version += 1
             state = plan.new_state
             run.state = dumps(state)
             run.completed_step = step
+            tx.announce_completed(step)
             tx.add_event(
                 "report_completed",
                 step,
@@ -535,6 +557,17 @@ def report(
             completed_now=plan.completes_now,
             state=state,
         )
+
+
+def _reductions(state: Mapping[str, Any]) -> list[int]:
+    """What of a program state the values depend on, in short: how many reductions each
+    metric-driven node has decided (its value changes only through them, see
+    ``MetricCurve``, and they are only ever appended). Counters like ``best`` or
+    ``num_bad_epochs`` change no value, so a completion that only moves them keeps every
+    trainer's window valid."""
+    return [
+        len(node.get("reductions", ())) if isinstance(node, dict) else -1 for node in state.values()
+    ]
 
 
 def step_status(
@@ -568,6 +601,7 @@ def add_override(store: Store, run_id: str, change: OverrideChange) -> RunRecord
         overrides.append(override)
         run.overrides = dumps(overrides)
         run.version += 1
+        run.values_version += 1
         tx.add_event("override", change.from_step, {**override, "version": run.version})
         tx.save()
         return run
@@ -588,6 +622,7 @@ def remove_override(
         ov = withdraw_override(overrides, n, from_step, run.leased_until, tx.now)
         run.overrides = dumps(overrides)
         run.version += 1
+        run.values_version += 1
         tx.add_event(
             "override_withdrawn",
             int(ov["until_step"]),
@@ -628,6 +663,7 @@ def add_amendment(store: Store, run_id: str, change: AmendmentChange) -> tuple[R
         run.state = dumps({**amended.initial_state(), **state})
         run.horizon = horizon
         run.version += 1
+        run.values_version += 1
         tx.add_event(
             "amended",
             change.from_step,
@@ -693,6 +729,7 @@ def rewind(store: Store, run_id: str, change: RewindChange) -> tuple[RunRecord, 
         # A job resumed from a checkpoint is not finished, whatever it said before.
         run.finished = False
         run.version += 1
+        run.values_version += 1
         record = {
             "n": number,
             "key": change.key,
@@ -907,6 +944,9 @@ def check_span(start: int, stop: int, max_span: int) -> None:
 
 # -- the application service -------------------------------------------------------------
 
+SAFETY_POLL_SECONDS = 0.25
+"""How often a waiting report on SQLite reads the database (see ``Runs._wait_for_step``)."""
+
 # Pauses before retrying an inline write whose lock was taken (7.5 ms in all), then a thread.
 _INLINE_RETRY_DELAYS = (0.0, 0.0005, 0.001, 0.002, 0.004)
 
@@ -941,6 +981,12 @@ class Runs:
         """Seconds without a report or heartbeat after which a run is ``idle``."""
         self._derived = False
         self._deriving = anyio.Lock()
+        # Reports arriving together share one SQLite transaction (service/runs/groupcommit.py).
+        self._group = GroupWriter(store)
+        self._listens: bool | None = None
+        self._completions: dict[str, tuple[anyio.Event, ReportResult | None]] = {}
+        """Per run with waiting reports: the event its next completion in this process sets,
+        and the latest such completion (what woken waiters answer with, unread)."""
 
     # -- where calls run ------------------------------------------------------------------
 
@@ -1044,6 +1090,10 @@ class Runs:
 
     async def delete(self, run_id: str) -> None:
         await self._write(delete_run, self.store, run_id)
+        # Its latest completion (a run record, its state) is no answer for anyone now.
+        entry = self._completions.pop(run_id, None)
+        if entry is not None:
+            entry[0].set()  # waiters look again, and find the run gone
 
     async def add_override(self, run_id: str, change: OverrideChange) -> Run:
         return self._of(await self._write(add_override, self.store, run_id, change))
@@ -1114,7 +1164,9 @@ class Runs:
                     "leased to a trainer right now"
                 ) from None
             return known, known.leased_until - start
-        version = RunVersion(record.version, record.created_at, record.step, record.leased_until)
+        version = RunVersion(
+            record.values_version, record.created_at, record.step, record.leased_until
+        )
         return version, count
 
     # -- reports ----------------------------------------------------------------------------
@@ -1134,7 +1186,16 @@ class Runs:
         ``abandoned`` (asked before every poll of a wait) ends the wait early when it says
         True: the client went away, so nobody would read the answer.
         """
-        result = await self._write(report, self.store, run_id, step, rank, values, self.max_work)
+        args = (self.store, run_id, step, rank, values, self.max_work)
+        if self._group.enabled:
+            result = await self._group.write(report, *args)
+        else:
+            result = await self._write(report, *args)
+        if result.completed_now and run_id in self._completions:
+            # Wake the reports of this process waiting on the run (no polling needed).
+            event, _ = self._completions.pop(run_id)
+            self._completions[run_id] = (anyio.Event(), result)
+            event.set()
         run, complete, ranks, decision = (
             result.run,
             result.complete,
@@ -1142,24 +1203,34 @@ class Runs:
             result.decision,
         )
         if not complete and wait > 0:
+            origin = (run.created_at, run.branch)
             status = await self._wait_for_step(
-                run_id, step, min(wait, self.max_wait_seconds), abandoned
+                run_id, step, min(wait, self.max_wait_seconds), abandoned, origin
             )
             if status is not None:
                 run, complete, ranks, decision = status
         if complete and decision is None:
             run, complete, ranks, decision = await self._read(step_status, self.store, run_id, step)
-        # The state parsed by the report is the stored one unless a wait re-read the run.
-        state = result.state if run is result.run and result.state is not None else None
-        groups = at_step(
-            evaluate(
-                compile_run(run.spec, run.amendments),
-                json.loads(run.state) if state is None else state,
-                [] if run.overrides == "[]" else json.loads(run.overrides),
-                step + 1,
-                1,
+        # The state parsed by the report is the stored one unless a wait re-read the run; a
+        # waiter woken by a completion here answers with that completion's (its values too).
+        source = result
+        woken = self._completions.get(run_id, (None, None))[1]
+        if woken is not None and run is woken.run:
+            source = woken
+        state = source.state if run is source.run else None
+        groups = source.next_groups if run is source.run else None
+        if groups is None:
+            groups = at_step(
+                evaluate(
+                    compile_run(run.spec, run.amendments),
+                    json.loads(run.state) if state is None else state,
+                    [] if run.overrides == "[]" else json.loads(run.overrides),
+                    step + 1,
+                    1,
+                )
             )
-        )
+            if run is source.run:
+                source.next_groups = groups
         return ReportOutcome(
             run_id=run_id,
             step=step,
@@ -1174,20 +1245,82 @@ class Runs:
             stop=report_stop(run.spec, run.state if state is None else state, step),
         )
 
+    def _listening(self) -> bool:
+        """Whether completions on other replicas wake this process's waits (PostgreSQL
+        LISTEN/NOTIFY), subscribing on first use."""
+        if self._listens is None:
+            loop = asyncio.get_running_loop()
+
+            def heard(run_id: str, step: int) -> None:
+                loop.call_soon_threadsafe(self._heard, run_id, step)
+
+            listen = getattr(self.store, "listen", None)
+            self._listens = bool(listen(heard)) if listen is not None else False
+        return self._listens
+
+    def _heard(self, run_id: str, step: int) -> None:
+        """A replica committed ``step`` of ``run_id``: its waiters here read it."""
+        entry = self._completions.get(run_id)
+        if entry is not None and not (entry[1] is not None and entry[1].step >= step):
+            # No result at hand for the waiters: they read the step (once each).
+            self._completions[run_id] = (anyio.Event(), None)
+            entry[0].set()
+
     async def _wait_for_step(
         self,
         run_id: str,
         step: int,
         timeout: float,
         abandoned: Callable[[], Awaitable[bool]] | None = None,
+        origin: tuple[str, int] | None = None,
     ) -> tuple[RunRecord, bool, int, dict[str, Any] | None] | None:
         """The step's status once it completes within ``timeout``, else ``None`` (also as soon
-        as ``abandoned()`` says so: a wait nobody will read must not keep polling)."""
+        as ``abandoned()`` says so: a wait nobody will read must not keep polling).
+
+        A completion by a report of this process wakes every waiter at once, with the
+        completing report's result (nothing is read). On PostgreSQL a completion on another
+        replica wakes them too (LISTEN/NOTIFY; each then reads the step). Otherwise (several
+        SQLite workers, a listener reconnecting) the database is polled, every
+        ``SAFETY_POLL_SECONDS`` (``wait_poll_seconds`` on PostgreSQL without a listener);
+        that is also how often ``abandoned`` is asked. ``origin``, the waiting report's run
+        ``(created_at, branch)``: a completion of another incarnation of the run id, or of
+        a branch a rewind has left, is not an answer."""
+
+        def answer(done: ReportResult | None) -> bool:
+            return (
+                done is not None
+                and done.step == step
+                and (origin is None or (done.run.created_at, done.run.branch) == origin)
+            )
+
         deadline = time.monotonic() + timeout
+        poll = self.wait_poll_seconds
+        if self.store.dialect == "sqlite" or self._listening():
+            poll = max(poll, SAFETY_POLL_SECONDS)
         while time.monotonic() < deadline:
-            await anyio.sleep(min(self.wait_poll_seconds, max(0.0, deadline - time.monotonic())))
+            entry = self._completions.get(run_id)
+            if entry is None:
+                entry = self._completions[run_id] = (anyio.Event(), None)
+            done = entry[1]
+            if done is not None and answer(done):
+                # Completed by a report of this process (also while this report's write was
+                # on its way back from a thread): its result is the answer.
+                return done.run, True, done.reported_ranks, done.decision
+            event = entry[0]
+            with anyio.move_on_after(min(poll, max(0.0, deadline - time.monotonic()))):
+                await event.wait()
+            if event.is_set():
+                # The answer is at hand now: no asking whether the client is still there
+                # (a thousand ranks woken at once each asked, in turn, on the one loop).
+                latest = self._completions.get(run_id, (None, None))[1]
+                if latest is not None and answer(latest):
+                    return latest.run, True, latest.reported_ranks, latest.decision
             if abandoned is not None and await abandoned():
                 return None
+            if event.is_set():
+                latest = self._completions.get(run_id, (None, None))[1]
+                if latest is not None and latest.step < step:
+                    continue  # an earlier step completed here: wait on
             exists, completed = await self._read(self.store.completed_step, run_id)
             if not exists:
                 raise RunNotFound(run_id)
@@ -1223,10 +1356,10 @@ class Runs:
                 check_work(run.schedule, step, 1, self.max_work, "one step")
                 one = await _evaluate(INLINE_WORK + 1, run.values, step, 1)
                 groups = {g: {f: float(a[0]) for f, a in fs.items()} for g, fs in one.items()}
-                return StepValues(run_id, step, run.version, groups)
+                return StepValues(run_id, step, run.values_version, groups)
             check_work(run.schedule, first, n, self.max_work, "one step")
             values = await _evaluate(work, run.values, first, n)
-            version = run.version
+            version = run.values_version
             self.cache.put((run_id, run.created_at, version, first), values)
         i = step - first
         groups = {g: {f: float(a[i]) for f, a in fields.items()} for g, fields in values.items()}
@@ -1242,7 +1375,7 @@ class Runs:
             check_values(_series(run), count, "this window")
             work = check_work(run.schedule, start, count, self.max_work, "this window", window=True)
             values = await _evaluate(work, run.values, start, count)
-            version = run.version
+            version = run.values_version
             self.cache.put((run_id, run.created_at, version, start, count), values)
         return Window(run_id, start, count, version, values)
 
@@ -1277,7 +1410,22 @@ class Runs:
     ) -> MetricHistory:
         """Every report's value of ``name`` and the aggregate each completed step saw, for
         the first ``steps`` reported steps after ``after_step`` (``None``: all of them)."""
-        return await to_thread.run_sync(self._metric_history, run_id, name, after_step, steps)
+        return await self.metric_history_rendered(run_id, name, after_step, steps, _same)
+
+    async def metric_history_rendered(
+        self,
+        run_id: str,
+        name: str,
+        after_step: int,
+        steps: int | None,
+        render: Callable[[MetricHistory], T],
+    ) -> T:
+        """``render(history)`` of :meth:`metric_history`, read and rendered in one of the
+        :func:`heavy` threads. A page of 10^4 steps is tens of ms of Python (row tuples,
+        points, the answer's JSON): done on the event loop it stalled every trainer's GET lr
+        for as long; in a lower-priority thread with a 1 ms switch interval, the loop takes
+        the GIL back within about a millisecond whenever it has a request."""
+        return await heavy(_render_history, self, run_id, name, after_step, steps, render)
 
     def _metric_history(
         self, run_id: str, name: str, after_step: int = -1, steps: int | None = None
@@ -1321,6 +1469,22 @@ class Runs:
         """The run's LR range-test curve, stop step and suggestions (``NotARangeTest`` for a run
         without an ``LRRangeTest`` node). Replays up to ``num_iter`` events: off the loop."""
         return await to_thread.run_sync(range_test_curve, self.store, run_id)
+
+
+def _same(history: MetricHistory) -> MetricHistory:
+    return history
+
+
+def _render_history(
+    runs: Runs,
+    run_id: str,
+    name: str,
+    after_step: int,
+    steps: int | None,
+    render: Callable[[MetricHistory], T],
+) -> T:
+    with gc_paused():
+        return render(runs._metric_history(run_id, name, after_step, steps))
 
 
 def _sampled_per_bucket(

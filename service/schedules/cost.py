@@ -53,8 +53,8 @@ WORK_BUDGET = 1 << 29
 INLINE_WORK = 1 << 20
 """Work below which an evaluation runs on the event loop (about a millisecond)."""
 MAX_HELD_BYTES = 128 * 1024 * 1024
-"""Most memory a recursion may hold at once (SequentialLR scans a restarted
-MultiplicativeLR's segment in one piece); a request that would hold more is refused."""
+"""Most memory a recursion may hold at once (every scan now runs a bounded chunk at a time,
+so this binds only on very many groups); a request that would hold more is refused."""
 HELD_BYTES_PER_VALUE = 64
 """Bytes the scan holds per (group, step): its matrices and their temporaries."""
 
@@ -204,8 +204,8 @@ def check_work(
             "held memory",
             held,
             MAX_HELD_BYTES,
-            "this step lies far into a segment that is evaluated step by step in one piece "
-            "(SequentialLR restarting a MultiplicativeLR): ask for an earlier step",
+            "this window is evaluated step by step and would hold too much at once: ask for "
+            "an earlier step or fewer steps",
         )
     return work
 

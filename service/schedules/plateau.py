@@ -40,7 +40,10 @@ see an improvement again) so that ``best`` always stays finite and JSON-serialis
 
 from __future__ import annotations
 
+import bisect
 import math
+import threading
+from collections import OrderedDict
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
@@ -67,6 +70,52 @@ from .base import (
 MetricName = Annotated[str, Field(min_length=1, max_length=200)]
 Factor = Annotated[float, Field(strict=True, ge=0, lt=1)]
 Vector = npt.NDArray[np.float64]
+Table = tuple[npt.NDArray[np.int64], Matrix, Matrix, Matrix]
+
+_TABLES_PER_CURVE = 2
+"""Reduction tables a curve keeps (see :class:`_Tables`): a request evaluates one state a few
+times (the old value of a reduction, the answer, a chain's passes)."""
+_TABLE_MAX_BYTES = 4 * 1024 * 1024
+"""A table whose arrays and parsed list (which the entry keeps alive) would hold more than
+this is rebuilt rather than kept: entries live in every compiled program that has a plateau."""
+
+
+def _step_of(reduction: dict[str, Any]) -> int:
+    return int(reduction["step"])
+
+
+class _Tables:
+    """A curve's parsed reduction tables by the identity of the ``reductions`` list.
+
+    A pure recomputation cache: an entry keeps a reference to its list (so its id cannot be
+    reused by another list while the entry exists) and its length (a list is only ever
+    appended to, and an append is a miss). Thread-safe under one lock; arrays read-only.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[int, tuple[list[Any], int, Table]] = OrderedDict()
+
+    def get(self, reductions: list[Any]) -> Table | None:
+        with self._lock:
+            entry = self._lru.get(id(reductions))
+            if entry is None or entry[0] is not reductions or entry[1] != len(reductions):
+                return None
+            self._lru.move_to_end(id(reductions))
+            return entry[2]
+
+    def put(self, reductions: list[Any], table: Table) -> None:
+        # The list's dicts, lists and floats: about 400 bytes per reduction + 64 per value.
+        held = sum(a.nbytes for a in table) + len(reductions) * (400 + 64 * table[1].shape[0])
+        if held > _TABLE_MAX_BYTES:
+            return
+        for array in table:
+            array.setflags(write=False)
+        with self._lock:
+            self._lru[id(reductions)] = (reductions, len(reductions), table)
+            self._lru.move_to_end(id(reductions))
+            while len(self._lru) > _TABLES_PER_CURVE:
+                self._lru.popitem(last=False)
 
 
 class PlateauCurve(MetricCurve, Chainable):
@@ -87,6 +136,7 @@ class PlateauCurve(MetricCurve, Chainable):
         self.step_offset = ctx.step_offset
         self.base: Vector = np.asarray(ctx.base.lr, dtype=np.float64).copy()
         self.input_lr = None
+        self._tables = _Tables()
 
     # -- state --------------------------------------------------------------------------
 
@@ -107,9 +157,19 @@ class PlateauCurve(MetricCurve, Chainable):
         """The value the node multiplies before any reduction (its own base)."""
         return self.base
 
-    def _table(self, node: dict[str, Any]) -> tuple[npt.NDArray[np.int64], Matrix, Matrix, Matrix]:
-        """``(steps (R,), factors (G, R), cumulative m (G, R+1), absolute lr (G, R+1))``."""
+    def _table(self, node: dict[str, Any]) -> Table:
+        """``(steps (R,), factors (G, R), cumulative m (G, R+1), absolute lr (G, R+1))``,
+        read-only, memoised per ``reductions`` list (building it costs O(R x G))."""
         reductions = node.get("reductions", [])
+        if not isinstance(reductions, list):
+            return self._build_table(list(reductions))
+        table = self._tables.get(reductions)
+        if table is None:
+            table = self._build_table(reductions)
+            self._tables.put(reductions, table)
+        return table
+
+    def _build_table(self, reductions: list[Any]) -> Table:
         steps = np.array([int(r["step"]) for r in reductions], dtype=np.int64)
         g = self.n_groups
         if reductions:
@@ -134,18 +194,43 @@ class PlateauCurve(MetricCurve, Chainable):
         return cumulative[:, idx]
 
     def lr(self, t: Steps, state: ProgramState) -> Matrix:
-        steps, _, cumulative, absolute = self._table(self._node_state(state))
-        idx = np.searchsorted(steps, self._global(t), side="right")
+        node = self._node_state(state)
         if self.input_lr is not None:
             # In a chain the recorded absolute values belong to the chain, not to this node.
+            steps, _, cumulative, _ = self._table(node)
+            idx = np.searchsorted(steps, self._global(t), side="right")
             return self._start_value().reshape(-1, 1) * cumulative[:, idx]
-        return absolute[:, idx]
+        return self._absolute(node.get("reductions", []), self._global(t))
+
+    def _absolute(self, reductions: Any, g: npt.NDArray[np.int64]) -> Matrix:
+        """The node's own lr at global steps ``g``: the recorded value of the last reduction
+        applied by then (the start value before any). Reads only the reductions inside the
+        window's span (two bisections), so its cost does not grow with their number."""
+        start = self._start_value()
+        if not len(reductions) or not len(g):
+            return np.repeat(start.reshape(-1, 1), len(g), axis=1)
+        lo = bisect.bisect_right(reductions, int(g.min()), key=_step_of)
+        hi = bisect.bisect_right(reductions, int(g.max()), key=_step_of)
+        # Columns lo..hi of the whole table's absolute values (column k: after k reductions).
+        columns = [start if k == 0 else reductions[k - 1]["lr"] for k in range(lo, hi + 1)]
+        absolute = np.array(columns, dtype=np.float64).reshape(hi - lo + 1, -1).T
+        steps = np.array([_step_of(r) for r in reductions[lo:hi]], dtype=np.int64)
+        idx = np.searchsorted(steps, g, side="right")
+        return np.ascontiguousarray(absolute[:, idx])
 
     def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
-        steps, factors, _, _ = self._table(self._node_state(state))
+        reductions = self._node_state(state).get("reductions", [])
         g = self._global(t)
         a = np.ones((self.n_groups, len(g)))
-        if len(steps):
+        lo = hi = 0
+        if len(reductions) and len(g):
+            # Only the reductions applied inside the window's span matter here.
+            lo = bisect.bisect_left(reductions, int(g.min()), key=_step_of)
+            hi = bisect.bisect_right(reductions, int(g.max()), key=_step_of)
+        if hi > lo:
+            window = reductions[lo:hi]
+            steps = np.array([_step_of(r) for r in window], dtype=np.int64)
+            factors = np.array([r["factor"] for r in window], dtype=np.float64).T
             pos = np.searchsorted(steps, g, side="left")
             hit = pos < len(steps)
             hit[hit] = steps[pos[hit]] == g[hit]
@@ -184,9 +269,7 @@ class PlateauCurve(MetricCurve, Chainable):
         value = np.where(applied, new, old)
         changed = bool(np.any(applied & (ratio != 1.0)))
         if changed:
-            node["reductions"].append(
-                {"step": step + 1, "factor": ratio.tolist(), "lr": value.tolist()}
-            )
+            _record(node, {"step": step + 1, "factor": ratio.tolist(), "lr": value.tolist()})
         return {"reduced": changed, "factor": ratio.tolist(), "lr": value.tolist()}
 
     def _transition(
@@ -200,8 +283,9 @@ class PlateauCurve(MetricCurve, Chainable):
         # Transitions only rebind top-level scalars and append to "reductions", so a shallow
         # copy with a fresh reductions list keeps the caller's state untouched; a deepcopy
         # cost more than the whole rest of a report.
+        # Reductions are appended to a new list (see _record), never to the caller's, so the
+        # caller's list is not copied on a report that does not reduce (O(reductions)).
         node = dict(node_state) if node_state else self.initial_state()
-        node["reductions"] = list(node.get("reductions", ()))
         outcome = self._transition(node, float(value), int(step), program_state)
         decision: dict[str, Any] = {
             "reduced": bool(outcome.get("reduced", False)),
@@ -217,6 +301,11 @@ class PlateauCurve(MetricCurve, Chainable):
         if "ignored" in outcome:
             decision["ignored"] = outcome["ignored"]
         return node, decision
+
+
+def _record(node: dict[str, Any], reduction: dict[str, Any]) -> None:
+    """Append a reduction to a new list: the old one may be the caller's (or a memo's key)."""
+    node["reductions"] = [*node.get("reductions", ()), reduction]
 
 
 def _torch_is_better(
@@ -499,9 +588,7 @@ class OptaxPlateauCurve(PlateauCurve):
         # whatever the lr was, so the ratio does not depend on the old value.
         factors = [ratio] * self.n_groups
         values = (self.base * new_scale).tolist()
-        node["reductions"].append(
-            {"step": step + 1, "factor": factors, "lr": values, "scale": new_scale}
-        )
+        _record(node, {"step": step + 1, "factor": factors, "lr": values, "scale": new_scale})
         return {"reduced": True, "factor": factors, "lr": values}
 
 

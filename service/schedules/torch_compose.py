@@ -5,7 +5,9 @@
   a milestone > 0 restarts from the group's base (torch's ``_update_lr(0)``, closed form).
 - ``ChainedScheduler``: torch steps every child on the same lr, in list order, so the value is
   the recurrence ``lr_t = A_t lr_{t-1} + B_t`` of the children's composed ``chain_map``s,
-  evaluated with a vectorised scan (closed-form product when every child is multiplicative).
+  evaluated with a vectorised scan (closed-form product when every child is multiplicative)
+  in 2,048-step blocks whose edges are checkpointed in a bounded memo (``_MEMO``), keyed by
+  the compiled curve and the plateau reductions up to the edge.
 - ``Epochs``: a schedule written in epochs, applied per step: ``epoch = step // steps_per_epoch``
   (Lightning ``interval="epoch"``) or ``step / steps_per_epoch`` (``fractional``: timm's
   ``step_update``, CosineAnnealingWarmRestarts' fractional epochs).
@@ -13,7 +15,12 @@
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import itertools
+import json
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Literal
@@ -38,9 +45,9 @@ from .base import (
     Steps,
     chainable,
     compose_maps,
-    scan_affine,
 )
 from .piecewise import Piecewise, runs
+from .plateau import PlateauCurve
 from .torch_lambda import chunk_steps
 
 if TYPE_CHECKING:
@@ -109,6 +116,12 @@ class _SequentialCurve(Piecewise, Chainable):
         self.chain: tuple[Chainable, ...] = tuple(chainable(c) for c in self.kids)
         cycling = [i for i, c in enumerate(self.cycled) if c]
         self._lead_from = cycling[-1] if cycling else None
+        # Scans of restarted segments (segment_lr) keep checkpoints in _MEMO, one token per
+        # segment; blocks as in ChainedScheduler.
+        self.step_offset = ctx.step_offset
+        self._chunk = chunk_steps(self.n_groups, _CHUNK)
+        self._block = min(_BLOCK, self._chunk)
+        self._tokens = tuple(next(_TOKENS) for _ in self.kids)
 
     def segment_lr(self, k: int, local: Steps, state: ProgramState) -> Matrix:
         child = self.chain[k]
@@ -120,7 +133,9 @@ class _SequentialCurve(Piecewise, Chainable):
         if restart is None:
             return child.restart_lr(local, state)
         # A restart that keeps the previous lr (MultiplicativeLR): scan the segment from the
-        # value the sequence had just before the milestone.
+        # value the sequence had just before the milestone, in blocks whose edges are kept in
+        # the checkpoint memo (so neither the earlier segments nor the start of this one are
+        # scanned again for a later window).
         last = int(local.max())
         if last >= MAX_SCAN:
             raise SpecError(
@@ -129,21 +144,56 @@ class _SequentialCurve(Piecewise, Chainable):
                 f"step from there: at most {MAX_SCAN} steps after milestone "
                 f"{int(self.starts[k])} (asked {last})",
             )
-        x0 = self.lr(np.asarray([self.starts[k] - 1]), state)[:, 0]
-        steps = np.arange(0, last + 1, dtype=np.float64)
-        a, b = child.chain_map(steps, state)
-        a[:, :1], b[:, :1] = restart
-        values = scan_affine(a, b, x0)
-        return values[:, local.astype(np.int64)]
+        start = int(self.starts[k])
+        sig = _Signature(self, state)
+        token, size = self._tokens[k], self._block
+        block, x = -1, None
+        for b in _MEMO.blocks(token, int(local.min()) // size):
+            x = _MEMO.get((token, b, sig.upto(start + b * size - 1)))
+            if x is not None:
+                block = b
+                break
+        if x is None:
+            block = 0
+            key = (token, 0, sig.upto(start - 1))
+            x = _MEMO.get(key)
+            if x is None:
+                x = self.lr(np.asarray([start - 1], dtype=np.float64), state)[:, 0]
+                _MEMO.put(key, x)
+        order = np.argsort(local, kind="stable")
+        steps_sorted = local[order]
+        out = np.empty((self.n_groups, len(local)))
+        pos = 0
+        while pos < len(order):
+            lo = block * size
+            hi = min(lo + self._chunk, last + 1)
+            a, b_ = child.chain_map(np.arange(lo, hi, dtype=np.float64), state)
+            if lo == 0:
+                a[:, :1], b_[:, :1] = restart
+            values = _scan_blocks(a, b_, x, size)
+            x = values[:, -1]
+            for j in range((hi - lo) // size):
+                edge = block + j + 1
+                _MEMO.put(
+                    (token, edge, sig.upto(start + edge * size - 1)), values[:, (j + 1) * size - 1]
+                )
+            block += (hi - lo) // size
+            stop = pos + int(np.searchsorted(steps_sorted[pos:], hi, side="left"))
+            if stop > pos:
+                sel = order[pos:stop]
+                out[:, sel] = values[:, local[sel].astype(np.int64) - lo]
+                pos = stop
+        return out
 
     def scanned(self, end: int) -> tuple[int, int]:
         steps, held = super().scanned(end)
         for k, child in enumerate(self.chain):
             start = int(self.starts[k])
             if start > 0 and end > start and child.restart_map({}) is not None:
-                # segment_lr scans the whole segment up to its last asked step, at once.
+                # segment_lr may scan the segment from its milestone up to its last asked
+                # step (checkpoints ignored, as the work model wants), a chunk at a time.
                 n = min(end - start, MAX_SCAN)
-                steps, held = steps + n, max(held, n)
+                steps, held = steps + n, max(held, min(n, self._chunk))
         return steps, held
 
     def chain_map(self, t: Steps, state: ProgramState) -> tuple[Matrix, Matrix]:
@@ -214,17 +264,15 @@ class _ChainedCurve(Chainable):
             if isinstance(kid, MetricCurve):
                 kid.input_lr = partial(self._value_before, k)
         self.horizon = min(c.mult_horizon() for c in self.chain)
-        self.stateless = not any(True for _ in self.metric_nodes())
-        # Scan checkpoints when values do not depend on state, so that later windows do not
-        # rescan from the horizon: _checkpoints[i] is the lr at step horizon + (i+1)*chunk - 1,
-        # where the scan chunk starting at horizon + (i+1)*chunk begins. A pure function of
-        # the spec; append-only under _lock (so the index of an entry never shifts), read
-        # without it; at most MAX_SCAN // chunk entries.
-        self._checkpoints: list[npt.NDArray[np.float64]] = []
-        self._lock = threading.Lock()
+        self.step_offset = ctx.step_offset
         # Scan chunks hold at most 2M values (16 MB a matrix; the scan keeps about six): up to
-        # 8 groups scan _CHUNK steps at a time as before, 1,024 groups 2,048.
+        # 8 groups scan _CHUNK steps at a time, 1,024 groups 2,048. Blocks (the checkpoint
+        # grid, see lr) divide chunks: both are powers of two.
         self._chunk = chunk_steps(self.n_groups, _CHUNK)
+        self._block = min(_BLOCK, self._chunk)
+        # Scan checkpoints live in the module's _MEMO under this curve's token (so identical
+        # specs compiled twice never share bits they did not compute).
+        self._token = next(_TOKENS)
 
     def children(self) -> Sequence[Curve]:
         return self.kids
@@ -291,17 +339,22 @@ class _ChainedCurve(Chainable):
                 f"this ChainedScheduler is recursive from step {self.horizon} (a child adds to "
                 f"the lr) and can be evaluated only up to step {self.horizon + MAX_SCAN}",
             )
-        begin, x = self._start(self.horizon, int(t[order[0]]), state)
+        sig = _Signature(self, state)
+        k = self._block
+        block, x = self._start(int(t[order[0]]), sig, state)
         pos = 0
-        chunk = self._chunk
-        for lo in range(begin, end, chunk):
-            hi = min(lo + chunk, end)
-            steps = np.arange(lo, hi, dtype=np.float64)
-            a, b = self.chain_map(steps, state)
-            values = scan_affine(a, b, x)
+        while pos < len(order):
+            # A chunk is whole blocks from the block the next asked step needs; each block is
+            # scanned on its own from the value carried out of the previous one, so the bits
+            # of every value depend only on the block grid, never on where a request began.
+            lo = self.horizon + block * k
+            hi = min(lo + self._chunk, end)
+            a, b = self.chain_map(np.arange(lo, hi, dtype=np.float64), state)
+            values = _scan_blocks(a, b, x, k)
             x = values[:, -1]
-            if self.stateless and hi - lo == chunk and (hi - self.horizon) % chunk == 0:
-                self._record((hi - self.horizon) // chunk - 1, x)
+            for j in range((hi - lo) // k):
+                self._record(block + j + 1, values[:, (j + 1) * k - 1], sig)
+            block += (hi - lo) // k
             stop = pos + int(np.searchsorted(t[order[pos:]], hi, side="left"))
             if stop > pos:
                 sel = order[pos:stop]
@@ -309,27 +362,200 @@ class _ChainedCurve(Chainable):
                 pos = stop
         return out
 
-    def _record(self, i: int, x: Matrix) -> None:
-        """Keep checkpoint ``i`` (see ``__init__``). Chunks are aligned on the horizon, so
-        every thread computes the same bits for it; the first one stores them."""
-        with self._lock:
-            if len(self._checkpoints) == i:
-                value = np.array(x, dtype=np.float64)
-                value.setflags(write=False)
-                self._checkpoints.append(value)
+    def _record(self, block: int, x: Matrix, sig: _Signature) -> None:
+        """Keep the lr just before ``block`` (at step ``horizon + block * k - 1``) in the
+        memo, under the state that decided it (see :class:`_Signature`)."""
+        _MEMO.put((self._token, block, sig.upto(self.horizon + block * self._block - 1)), x)
 
-    def _start(self, horizon: int, first: int, state: ProgramState) -> tuple[int, Matrix]:
-        """Where the scan starts and the lr just before it (from a checkpoint or the
-        closed-form product at ``horizon - 1``)."""
-        if self.stateless:
-            # The last checkpoint at or before ``first`` (lock-free: entries never change).
-            i = min(len(self._checkpoints), (first - horizon) // self._chunk) - 1
-            if i >= 0:
-                return horizon + (i + 1) * self._chunk, self._checkpoints[i]
-        if horizon == 0:
+    def _start(self, first: int, sig: _Signature, state: ProgramState) -> tuple[int, Matrix]:
+        """The block the scan starts at and the lr just before it: the latest checkpoint at
+        or before the block of step ``first`` that is valid for this state, else block 0 from
+        the closed-form product at ``horizon - 1``."""
+        want = (first - self.horizon) // self._block
+        for block in _MEMO.blocks(self._token, want):
+            x = _MEMO.get((self._token, block, sig.upto(self.horizon + block * self._block - 1)))
+            if x is not None:
+                return block, x
+        if self.horizon == 0:
             return 0, self.base[:, 0].copy()
-        x = self.base * self.factor(np.asarray([horizon - 1], dtype=np.float64), state)
-        return horizon, x[:, 0]
+        x = self.base * self.factor(np.asarray([self.horizon - 1], dtype=np.float64), state)
+        return 0, x[:, 0]
+
+
+_BLOCK = 2048
+"""Steps per scan block (the checkpoint interval): a window resumes at most this far back."""
+
+_MEMO_BYTES = 64 << 20
+"""Most bytes the scan checkpoints of every compiled chain may hold together."""
+
+_TOKENS = itertools.count()
+
+
+def _scan_blocks(a: Matrix, b: Matrix, x0: Matrix, k: int) -> Matrix:
+    """``scan_affine`` over consecutive blocks of ``k`` steps, each block from the last value
+    of the one before (the first from ``x0``). The passes run on every block at once; only
+    the carry is sequential. Bit for bit what ``scan_affine`` gives block by block."""
+    g, n = a.shape
+    m = -(-n // k)
+    if m * k != n:
+        # Pad the last block with identities: a scan's value at a position depends only on
+        # the maps at and before it, so padding after changes nothing that is kept.
+        pad = m * k - n
+        a = np.concatenate([a, np.ones((g, pad))], axis=1)
+        b = np.concatenate([b, np.zeros((g, pad))], axis=1)
+    else:
+        a = np.array(a, dtype=np.float64, copy=True)
+        b = np.array(b, dtype=np.float64, copy=True)
+    a3 = a.reshape(g, m, k)
+    b3 = b.reshape(g, m, k)
+    d = 1
+    while d < k:
+        a_prev = a3[:, :, :-d].copy()
+        b3[:, :, d:] = a3[:, :, d:] * b3[:, :, :-d] + b3[:, :, d:]
+        a3[:, :, d:] = a3[:, :, d:] * a_prev
+        d *= 2
+    out = np.empty((g, m, k))
+    x = np.asarray(x0, dtype=np.float64).reshape(-1, 1)
+    for j in range(m):
+        out[:, j] = a3[:, j] * x + b3[:, j]
+        x = out[:, j, -1:]
+    return out.reshape(g, m * k)[:, :n]
+
+
+class _Signature:
+    """What of a request's metric-driven state a chain's scan depends on, up to a step.
+
+    A checkpoint at local step ``e`` depends on the reductions that apply at global steps
+    ``<= e + offset`` only, so checkpoints before the first reduction that differs stay valid
+    as a plateau child's state grows. Plateau nodes are fingerprinted by their reduction
+    steps and factors; any other metric node by its whole state (conservative)."""
+
+    def __init__(self, curve: _ChainedCurve | _SequentialCurve, state: ProgramState) -> None:
+        self.offset = curve.step_offset
+        # Per plateau node: its reductions as rows (step, factor bits per group) in step order,
+        # so the reductions up to a step are a prefix; the fingerprint of a prefix is the hash
+        # of its bytes, extended incrementally as a scan moves forward (O(R x G) once per
+        # request, not once per checkpoint).
+        self.steps: list[npt.NDArray[np.int64]] = []
+        self.rows: list[npt.NDArray[np.int64]] = []
+        other: list[str] = []
+        for node in curve.metric_nodes():
+            if isinstance(node, PlateauCurve):
+                steps, factors, _, _ = node._table(node._node_state(state))
+                rows = np.empty((len(steps), 1 + factors.shape[0]), dtype=np.int64)
+                rows[:, 0] = steps
+                rows[:, 1:] = np.ascontiguousarray(factors.T).view(np.int64)
+                if len(steps) > 1 and np.any(np.diff(steps) < 0):
+                    order = np.argsort(steps, kind="stable")
+                    steps, rows = steps[order], rows[order]
+                self.steps.append(np.asarray(steps, dtype=np.int64))
+                self.rows.append(rows)
+            else:
+                other.append(json.dumps(state.get(node.path), sort_keys=True, default=str))
+        self.other = hashlib.blake2b("\n".join(other).encode(), digest_size=16).digest()
+        self.stateless = not self.steps and not other
+        self._running = [(0, hashlib.blake2b(digest_size=16)) for _ in self.steps]
+        self._prefix: dict[tuple[int, int], bytes] = {}
+        self._seen: dict[tuple[int, ...], bytes] = {}
+
+    def _digest(self, i: int, count: int) -> bytes:
+        """Hash of the first ``count`` rows of table ``i`` (the same bytes however reached)."""
+        hit = self._prefix.get((i, count))
+        if hit is not None:
+            return hit
+        pos, running = self._running[i]
+        if count >= pos:
+            running.update(self.rows[i][pos:count].tobytes())
+            self._running[i] = (count, running)
+            digest = running.copy().digest()
+        else:
+            digest = hashlib.blake2b(self.rows[i][:count].tobytes(), digest_size=16).digest()
+        self._prefix[(i, count)] = digest
+        return digest
+
+    def upto(self, step: int) -> bytes:
+        """Fingerprint of the state the scan up to local ``step`` (inclusive) depends on."""
+        if self.stateless:
+            return b""
+        g = step + self.offset
+        counts = tuple(int(np.searchsorted(steps, g, side="right")) for steps in self.steps)
+        hit = self._seen.get(counts)
+        if hit is not None:
+            return hit
+        h = hashlib.blake2b(self.other, digest_size=16)
+        for i, count in enumerate(counts):
+            h.update(count.to_bytes(8, "little"))
+            h.update(self._digest(i, count))
+        digest = h.digest()
+        self._seen[counts] = digest
+        return digest
+
+
+class _Checkpoints:
+    """The scan checkpoints of every compiled chain: an LRU bounded by bytes, keyed by
+    ``(curve token, block, state fingerprint)``, with a per-curve sorted index of blocks.
+    A pure cache (values are functions of the key); thread-safe under one lock; stored
+    arrays are read-only copies."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._lru: OrderedDict[tuple[int, int, bytes], npt.NDArray[np.float64]] = OrderedDict()
+        self._index: dict[int, list[int]] = {}
+        self._count: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int, bytes]) -> npt.NDArray[np.float64] | None:
+        with self._lock:
+            value = self._lru.get(key)
+            if value is not None:
+                self._lru.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[int, int, bytes], x: Matrix) -> None:
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                return
+            value = np.array(x, dtype=np.float64)
+            value.setflags(write=False)
+            self._lru[key] = value
+            self.bytes += value.nbytes + _ENTRY_OVERHEAD
+            token, block, _ = key
+            n = self._count.get((token, block), 0)
+            if n == 0:
+                bisect.insort(self._index.setdefault(token, []), block)
+            self._count[(token, block)] = n + 1
+            while self.bytes > self.limit and self._lru:
+                old, dropped = self._lru.popitem(last=False)
+                self.bytes -= dropped.nbytes + _ENTRY_OVERHEAD
+                self._forget(old)
+
+    def _forget(self, key: tuple[int, int, bytes]) -> None:
+        token, block, _ = key
+        n = self._count.pop((token, block)) - 1
+        if n:
+            self._count[(token, block)] = n
+            return
+        blocks = self._index[token]
+        del blocks[bisect.bisect_left(blocks, block)]
+        if not blocks:
+            del self._index[token]
+
+    def blocks(self, token: int, most: int) -> list[int]:
+        """The blocks ``<= most`` with some checkpoint of curve ``token``, latest first."""
+        with self._lock:
+            blocks = self._index.get(token, [])
+            return blocks[: bisect.bisect_right(blocks, most)][::-1]
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
+_ENTRY_OVERHEAD = 256
+"""Bytes an entry costs besides its array (key, dict slot, array header), for the bound."""
+
+_MEMO = _Checkpoints(_MEMO_BYTES)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import select
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -32,6 +33,9 @@ from service.runs.repository import RunRecord, StoreBusy, StoreError, StoreFault
 from service.store.sql import SqlStore
 
 MIGRATION_LOCK_KEY = 0x6C72_7365  # "lrse": one advisory lock id for schema migrations
+STEPS_CHANNEL = "lrserve_steps"
+"""NOTIFY channel of completed steps (payload ``"<step> <run id>"``): waiting reports on
+every replica wake at once instead of polling."""
 
 _BUSY = (
     psycopg.errors.SerializationFailure,
@@ -193,6 +197,10 @@ class PostgresStore(SqlStore):
             },
         )
         self.pool.open(wait=False)
+        self._heard: list[Callable[[str, int], None]] = []
+        self._listen_lock = threading.Lock()
+        self._listener: threading.Thread | None = None
+        self._closing = threading.Event()
 
     def nowait(self) -> AbstractContextManager[None]:  # pragma: no cover - never inline
         return contextlib.nullcontext()
@@ -356,5 +364,37 @@ class PostgresStore(SqlStore):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
             self.apply_migrations(conn)
 
+    def announce(self, conn: Any, run_id: str, step: int) -> None:
+        # Delivered when (and only if) the report's transaction commits.
+        conn.execute("SELECT pg_notify(%s, %s)", (STEPS_CHANNEL, f"{step} {run_id}"))
+
+    def listen(self, heard: Callable[[str, int], None]) -> bool:
+        with self._listen_lock:
+            self._heard.append(heard)
+            if self._listener is None:
+                self._listener = threading.Thread(
+                    target=self._listen, name="lrserve-pg-listen", daemon=True
+                )
+                self._listener.start()
+        return True
+
+    def _listen(self) -> None:
+        """One connection of its own, LISTENing; reconnects after a lost connection (a wait
+        meanwhile still polls, only less often)."""
+        while not self._closing.is_set():
+            try:
+                with psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=5, application_name="lrserve"
+                ) as conn:
+                    conn.execute(f"LISTEN {STEPS_CHANNEL}")
+                    while not self._closing.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            step, _, run_id = note.payload.partition(" ")
+                            for heard in list(self._heard):
+                                heard(run_id, int(step))
+            except (psycopg.Error, OSError, ValueError):
+                self._closing.wait(1.0)
+
     def close(self) -> None:
+        self._closing.set()
         self.pool.close()

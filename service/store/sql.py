@@ -6,7 +6,7 @@ Statements are written with ``?`` placeholders and translated once per dialect.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from importlib import resources
 from typing import Any
@@ -30,7 +30,8 @@ from service.runs.repository import (
 RUN_COLUMNS = (
     "id, spec, state, overrides, version, step, completed_step, event_seq, created_at, "
     "updated_at, amendments, rewinds, leased_until, branch, last_report_at, heartbeat_at, "
-    "heartbeat_step, finished, finished_step, horizon, tags, search, metadata, metric_names"
+    "heartbeat_step, finished, finished_step, horizon, tags, search, metadata, metric_names, "
+    "values_version"
 )
 SUMMARY_COLUMNS = (
     "id, version, created_at, step, updated_at, completed_step, last_report_at, heartbeat_at, "
@@ -95,6 +96,7 @@ def record_of(row: Any) -> RunRecord:
         search=row[21],
         metadata=row[22],
         metric_names=row[23],
+        values_version=int(row[24]),
     )
 
 
@@ -214,6 +216,17 @@ class SqlTx:
             ),
         )
 
+    def count_step_report(self, step: int) -> int:
+        row = self._conn.execute(
+            self._store.q(
+                "INSERT INTO step_reports (run_id, step, ranks) VALUES (?, ?, 1) "
+                "ON CONFLICT (run_id, step) DO UPDATE SET ranks = step_reports.ranks + 1 "
+                "RETURNING ranks"
+            ),
+            (self.run.id, step),
+        ).fetchone()
+        return int(row[0])
+
     def insert_report_if_absent(self, report: ReportRow) -> bool:
         cur = self._conn.execute(
             self._store.q(
@@ -251,6 +264,10 @@ class SqlTx:
         cur = self._conn.execute(
             q("DELETE FROM reports WHERE run_id = ? AND step > ?"), (run_id, step)
         )
+        # The steps after ``step`` start again with no report counted.
+        self._conn.execute(
+            q("DELETE FROM step_reports WHERE run_id = ? AND step > ?"), (run_id, step)
+        )
         self._conn.execute(
             q(
                 "UPDATE events SET abandoned_by = ? WHERE run_id = ? AND abandoned_by = 0 "
@@ -276,6 +293,9 @@ class SqlTx:
         ).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
+    def announce_completed(self, step: int) -> None:
+        self._store.announce(self._conn, self.run.id, step)
+
     def add_event(self, type: str, step: int | None, data: dict[str, Any]) -> int:
         self.run.event_seq += 1
         self._store.insert_event(
@@ -292,7 +312,8 @@ class SqlTx:
         active = max((t for t in (run.last_report_at, run.heartbeat_at) if t), default=None)
         self._conn.execute(
             self._store.q(
-                "UPDATE runs SET state = ?, overrides = ?, version = ?, step = ?, "
+                "UPDATE runs SET state = ?, overrides = ?, version = ?, values_version = ?, "
+                "step = ?, "
                 "completed_step = ?, event_seq = ?, updated_at = ?, amendments = ?, "
                 "rewinds = ?, leased_until = ?, branch = ?, last_report_at = ?, active_at = ?, "
                 "finished = ?, finished_step = ?, horizon = ?, metric_names = ? WHERE id = ?"
@@ -301,6 +322,7 @@ class SqlTx:
                 run.state,
                 run.overrides,
                 run.version,
+                run.values_version,
                 run.step,
                 run.completed_step,
                 run.event_seq,
@@ -423,12 +445,21 @@ class SqlStore(ABC):
     def run_version(self, run_id: str) -> tuple[int, str, int | None, int] | None:
         with self.errors(), self.read_conn() as conn:
             row = conn.execute(
-                self.q("SELECT version, created_at, step, leased_until FROM runs WHERE id = ?"),
+                self.q(
+                    "SELECT values_version, created_at, step, leased_until FROM runs WHERE id = ?"
+                ),
                 (run_id,),
             ).fetchone()
         if row is None:
             return None
         return int(row[0]), row[1], None if row[2] is None else int(row[2]), int(row[3])
+
+    def announce(self, conn: Any, run_id: str, step: int) -> None:  # noqa: B027 - optional hook
+        """See :meth:`SqlTx.announce_completed` (no channel here: a no-op)."""
+
+    def listen(self, heard: Callable[[str, int], None]) -> bool:
+        """No channel between processes: waits poll (see :class:`~service.runs.Store`)."""
+        return False
 
     def completed_step(self, run_id: str) -> tuple[bool, int | None]:
         with self.errors(), self.read_conn() as conn:
@@ -604,6 +635,7 @@ class SqlStore(ABC):
                 return False
             # Children first: nothing relies on the driver enforcing ON DELETE CASCADE.
             conn.execute(self.q("DELETE FROM reports WHERE run_id = ?"), (run_id,))
+            conn.execute(self.q("DELETE FROM step_reports WHERE run_id = ?"), (run_id,))
             conn.execute(self.q("DELETE FROM abandoned_reports WHERE run_id = ?"), (run_id,))
             conn.execute(self.q("DELETE FROM events WHERE run_id = ?"), (run_id,))
             conn.execute(self.q("DELETE FROM run_tags WHERE run_id = ?"), (run_id,))

@@ -139,9 +139,11 @@ class SqliteStore(SqlStore):
             with self._write_lock:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
-    def _after_inline_commit(self) -> None:
-        self._inline_commits += 1
-        if self._inline_commits % self.checkpoint_every == 0:
+    def _after_inline_commit(self, writes: int = 1) -> None:
+        # Counted in writes, not commits: a group commit carries many reports' pages.
+        before = self._inline_commits
+        self._inline_commits += writes
+        if self._inline_commits // self.checkpoint_every != before // self.checkpoint_every:
             if self._checkpointer is None:
                 self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="lrserve-wal")
             self._checkpointer.submit(self._checkpoint)
@@ -313,6 +315,17 @@ class SqliteStore(SqlStore):
         # managers: this is every report's path, and those cost microseconds each.
         return _Transaction(self, run_id)
 
+    group_commit = True
+    """:meth:`group` is available: many writes in one transaction, one savepoint each."""
+
+    def group(self, writes: int) -> _Group:
+        """One transaction (BEGIN IMMEDIATE ... COMMIT) around ``writes`` transactions of this
+        thread: within the block, :meth:`transaction` opens a savepoint instead, so each write
+        commits or rolls back alone inside the group, and all of them become durable at the
+        group's one COMMIT. Raises as :meth:`transaction` does when the lock cannot be taken
+        (:class:`WouldBlock` under :meth:`nowait`), before anything is written."""
+        return _Group(self, writes)
+
     # The point reads of the hot paths, without the generic context managers (see above).
     def run_version(self, run_id: str) -> tuple[int, str, int | None, int] | None:
         try:
@@ -420,7 +433,7 @@ class SqliteStore(SqlStore):
                 conn.close()
 
 
-_RUN_VERSION = "SELECT version, created_at, step, leased_until FROM runs WHERE id = ?"
+_RUN_VERSION = "SELECT values_version, created_at, step, leased_until FROM runs WHERE id = ?"
 _COMPLETED_STEP = "SELECT completed_step FROM runs WHERE id = ?"
 _LOCK_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"
 
@@ -429,7 +442,7 @@ class _Transaction:
     """``SqliteStore.transaction``: the run locked (BEGIN IMMEDIATE) and read; commit on a
     clean exit, roll back otherwise; driver errors become the store's errors."""
 
-    __slots__ = ("_conn", "_nowait", "_run_id", "_store")
+    __slots__ = ("_conn", "_grouped", "_nowait", "_run_id", "_store")
 
     def __init__(self, store: SqliteStore, run_id: str) -> None:
         self._store = store
@@ -437,6 +450,10 @@ class _Transaction:
 
     def __enter__(self) -> SqlTx | None:
         store = self._store
+        group: sqlite3.Connection | None = getattr(store._local, "group", None)
+        if group is not None:
+            return self._enter_savepoint(group)
+        self._grouped = False
         self._nowait = store._lock_for_write()
         try:
             conn = self._conn = store._connection()
@@ -448,6 +465,33 @@ class _Transaction:
                 raise store._translate(exc) from exc
             raise
         return None if row is None else SqlTx(store, conn, record_of(row))
+
+    def _enter_savepoint(self, conn: sqlite3.Connection) -> SqlTx | None:
+        # Within a group (SqliteStore.group): the lock is the group's, and a savepoint makes
+        # this write roll back alone (a refused report alters nothing, its neighbours commit).
+        store = self._store
+        self._grouped = True
+        self._conn = conn
+        if not conn.in_transaction:
+            # A fault (a full disk, an I/O error) rolled the whole group back: a write now
+            # would autocommit on its own, outside the group that is to fail.
+            raise StoreBusy("the SQLite group transaction was rolled back")
+        try:
+            conn.execute("SAVEPOINT lrserve_write")
+            row = conn.execute(_LOCK_RUN, (self._run_id,)).fetchone()
+        except BaseException as exc:
+            self._rollback_savepoint()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise store._translate(exc) from exc
+            raise
+        return None if row is None else SqlTx(store, conn, record_of(row))
+
+    def _rollback_savepoint(self) -> None:
+        conn = self._conn
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK TO lrserve_write")
+                conn.execute("RELEASE lrserve_write")
 
     def _abort(self) -> None:
         try:
@@ -464,6 +508,20 @@ class _Transaction:
         tb: TracebackType | None,
     ) -> None:
         store = self._store
+        if self._grouped:
+            if exc is None:
+                try:
+                    self._conn.execute("RELEASE lrserve_write")
+                    return
+                except BaseException as release_exc:
+                    self._rollback_savepoint()
+                    if isinstance(release_exc, sqlite3.DatabaseError):
+                        raise store._translate(release_exc) from release_exc
+                    raise
+            self._rollback_savepoint()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise store._translate(exc) from exc
+            return
         if exc is None:
             try:
                 self._conn.execute("COMMIT")
@@ -475,6 +533,62 @@ class _Transaction:
             store._write_lock.release()
             if self._nowait:
                 store._after_inline_commit()
+            return
+        self._abort()
+        if isinstance(exc, sqlite3.DatabaseError):
+            raise store._translate(exc) from exc
+
+
+class _Group:
+    """``SqliteStore.group``: one BEGIN IMMEDIATE ... COMMIT around many writes' savepoints."""
+
+    __slots__ = ("_conn", "_nowait", "_store", "_writes")
+
+    def __init__(self, store: SqliteStore, writes: int) -> None:
+        self._store = store
+        self._writes = writes
+
+    def __enter__(self) -> None:
+        store = self._store
+        self._nowait = store._lock_for_write()
+        try:
+            conn = self._conn = store._connection()
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            self._abort()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise store._translate(exc) from exc
+            raise
+        store._local.group = conn
+
+    def _abort(self) -> None:
+        self._store._local.group = None
+        try:
+            conn = getattr(self, "_conn", None)
+            if conn is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")
+        finally:
+            self._store._write_lock.release()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        store = self._store
+        if exc is None:
+            store._local.group = None
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException as commit_exc:
+                self._abort()
+                if isinstance(commit_exc, sqlite3.DatabaseError):
+                    raise store._translate(commit_exc) from commit_exc
+                raise
+            store._write_lock.release()
+            if self._nowait:
+                store._after_inline_commit(self._writes)
             return
         self._abort()
         if isinstance(exc, sqlite3.DatabaseError):

@@ -299,8 +299,12 @@ def test_a_run_deleted_and_created_again_is_not_taken_for_the_old_one(live_serve
         opt, "reborn", url=live_server.url, spec=spec, poll_interval=0.05, window=64
     ) as sched:
         with lrserve.Client(live_server.url) as client:
-            for step in range(3):  # the old run reaches version 4
+            for step in range(3):
                 client.report("reborn", step, {"loss": 1.0})
+            # Reports change no value (the values version stays); overrides do: the old run's
+            # windows reach version 4.
+            for _ in range(3):
+                client.override("reborn", from_step=10**6, action="scale", value=1.0)
             for _ in range(200):  # ... and the scheduler holds it
                 if sched.version == 4:
                     break

@@ -29,7 +29,9 @@ from service.api.common import (
 from service.api.deps import get_runs
 from service.api.problems import validation_error
 from service.api.schemas import MAX_WINDOW, StepValuesOut, WindowOut, problems
+from service.api.window_codec import MEDIA_TYPE, encode_window, wants_binary
 from service.runs.service import heavy
+from service.runs.values import BytesLRU
 from service.schedules.base import MAX_STEP
 
 router = APIRouter(prefix="/v1", tags=["learning rates"])
@@ -79,9 +81,30 @@ _OPENAPI = {
         param_doc(
             "If-None-Match", "header", 'an ETag ("<version>") seen before', {"type": "string"}
         ),
+        param_doc(
+            "Accept",
+            "header",
+            f"{MEDIA_TYPE}: a window in the compact binary encoding (docs/api.md); "
+            "anything else: JSON",
+            {"type": "string"},
+        ),
     ]
 }
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+_VARY = (b"vary", b"Accept")
+# Encoded windows, kept because a window is fetched by every rank of a job, and at many groups
+# its encoding costs more than the lookup: bytes by (run, created_at, version, start, count,
+# encoding), least recently used first out, within a byte budget per app.
+_ENCODED_MAX_BYTES = 64 * 1024 * 1024
+_ENCODED_MAX_ENTRY = 16 * 1024 * 1024
+
+
+def _encoded_windows(request: Request) -> BytesLRU[bytes]:
+    state = request.app.state
+    cache = getattr(state, "lr_encoded_windows", None)
+    if cache is None:
+        cache = state.lr_encoded_windows = BytesLRU[bytes](_ENCODED_MAX_BYTES, _ENCODED_MAX_ENTRY)
+    return cache
 
 
 @hot
@@ -114,7 +137,8 @@ async def get_lr(request: Request) -> Response:
     if etag_matches(request.headers.get("if-none-match"), current.version, current.created_at):
         # The trainer keeps the values it has: nothing new is handed out, nothing leased.
         return Response(
-            status_code=304, headers={"ETag": etag(current.version, current.created_at)}
+            status_code=304,
+            headers={"ETag": etag(current.version, current.created_at), "Vary": "Accept"},
         )
     at = step if step is not None else (current.step or 0)
     if lease is None or _BOOLEANS[lease.lower()]:
@@ -127,23 +151,47 @@ async def get_lr(request: Request) -> Response:
     if start is None:
         one = await runs.values_at(run_id, at, current)
         version = one.version
-        body = json_bytes({"run": run_id, "step": at, "version": version, "groups": one.groups})
+        return JsonBytesResponse(
+            json_bytes({"run": run_id, "step": at, "version": version, "groups": one.groups}),
+            [
+                (b"etag", etag(version, current.created_at).encode()),
+                (b"cache-control", b"no-cache"),
+            ],
+        )
+    window = await runs.window(run_id, start, count or 1, current)
+    version = window.version
+    binary = wants_binary(request.headers.get("accept"))
+    cache = _encoded_windows(request)
+    key = (run_id, current.created_at, version, start, window.count, binary)
+    cached = cache.get(key)
+    if cached is not None:
+        body = cached
     else:
-        window = await runs.window(run_id, start, count or 1, current)
-        version = window.version
-        answer = {
-            "run": run_id,
-            "start": start,
-            "count": window.count,
-            "version": version,
-            "groups": window.values,
-        }
-        if window.count * len(window.values) > LARGE_ANSWER_VALUES:
-            # Up to MAX_WINDOW_VALUES values (a second of encoding): off the event loop.
-            body = await heavy(json_with_groups, answer)
+        large = window.count * len(window.values) > LARGE_ANSWER_VALUES
+        if binary:
+            args = (run_id, start, window.count, version, window.values)
+            # Up to MAX_WINDOW_VALUES values: large ones off the event loop.
+            body = await heavy(encode_window, *args) if large else encode_window(*args)
         else:
-            body = json_with_groups(answer)
-    return JsonBytesResponse(
-        body,
-        [(b"etag", etag(version, current.created_at).encode()), (b"cache-control", b"no-cache")],
-    )
+            answer = {
+                "run": run_id,
+                "start": start,
+                "count": window.count,
+                "version": version,
+                "groups": window.values,
+            }
+            # Up to MAX_WINDOW_VALUES values (a second of encoding): off the event loop.
+            body = await heavy(json_with_groups, answer) if large else json_with_groups(answer)
+        cache.put(key, body, len(body))
+    headers = [
+        (b"etag", etag(version, current.created_at).encode()),
+        (b"cache-control", b"no-cache"),
+        _VARY,
+    ]
+    if binary:
+        return Response(
+            body,
+            media_type=MEDIA_TYPE,
+            headers={k.decode(): v.decode() for k, v in headers},
+        )
+    return JsonBytesResponse(body, headers)

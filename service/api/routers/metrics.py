@@ -10,9 +10,11 @@ from starlette.responses import Response
 from service.api import observability
 from service.api.common import (
     RUN_ID_PATTERN,
+    JsonBytesResponse,
     RunId,
     hot,
     json_body_openapi,
+    json_bytes,
     json_response,
     param_doc,
     parse_json_body,
@@ -21,7 +23,7 @@ from service.api.common import (
 )
 from service.api.deps import get_runs
 from service.api.schemas import MetricHistoryOut, MetricNamesOut, ReportIn, ReportOut, problems
-from service.runs.service import ReportOutcome, Runs
+from service.runs.service import MetricHistory, ReportOutcome, Runs
 
 router = APIRouter(prefix="/v1", tags=["metrics"])
 
@@ -139,13 +141,19 @@ async def get_metrics(
 ) -> Response:
     if name is None:
         return json_response({"run": run_id, "names": await runs.metric_names(run_id)})
-    history = await runs.metric_history(
-        run_id, name, -1 if after_step is None else after_step, limit
+    # Read, build and encode the page in a worker thread: none of it on the event loop.
+    body = await runs.metric_history_rendered(
+        run_id, name, -1 if after_step is None else after_step, limit, _history_document
     )
-    return json_response(
+    return JsonBytesResponse(body)
+
+
+def _history_document(history: MetricHistory) -> bytes:
+    """The JSON answer of ``GET /v1/runs/{id}/metrics?name=`` for one page of history."""
+    return json_bytes(
         {
-            "run": run_id,
-            "name": name,
+            "run": history.run_id,
+            "name": history.name,
             "next_after_step": history.next_after_step,
             "points": [
                 {"step": p.step, "rank": p.rank, "value": p.value, "branch": p.branch}

@@ -107,6 +107,7 @@ def run_answer(run: Run) -> dict[str, Any]:
         "id": run.id,
         "spec": run.spec_document(),
         "version": run.version,
+        "values_version": run.values_version,
         "created_at": run.created_at,
         "updated_at": run.updated_at,
         "step": run.step,

@@ -1,0 +1,105 @@
+"""The SDK's windows in the binary encoding, against a real server and torch's schedulers.
+
+RemoteScheduler asks for ``application/vnd.lrserve.window`` by default; the values it writes
+into the param groups, across many refreshes and the prefetched next window, must be
+torch's own, at many groups and with momentum.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import httpx
+import lrserve
+import numpy as np
+import pytest
+import torch
+from lrserve import _calls
+from lrserve._codec import MEDIA_TYPE
+from lrserve.torch import RemoteScheduler
+
+from .torch_support import WARMUP_COSINE, torch_scheduler
+
+
+def _sgd(n: int, momentum: bool) -> torch.optim.Optimizer:
+    torch.manual_seed(0)
+    groups = [
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-2 * 0.95**i} for i in range(n)
+    ]
+    return torch.optim.SGD(groups, momentum=0.9 if momentum else 0.0)
+
+
+def _spec(n: int, schedule: dict[str, Any], momentum: bool) -> dict[str, Any]:
+    groups: list[dict[str, Any]] = []
+    for i in range(n):
+        g: dict[str, Any] = {"name": f"g{i}", "lr": 1e-2 * 0.95**i}
+        if momentum:
+            g["momentum"] = 0.9
+        groups.append(g)
+    return {"groups": groups, "schedule": schedule}
+
+
+ONE_CYCLE = {"type": "OneCycleLR", "max_lr": 0.1, "total_steps": 400}
+
+
+@pytest.mark.parametrize(
+    ("n", "schedule", "momentum"),
+    [(64, WARMUP_COSINE, False), (4, ONE_CYCLE, True)],
+    ids=["warmup-cosine-64-groups", "one-cycle-momentum"],
+)
+def test_applied_values_are_torchs(
+    live_server: Any, n: int, schedule: dict[str, Any], momentum: bool
+) -> None:
+    steps = 399
+    ref = _sgd(n, momentum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+        oracle = torch_scheduler(ref, schedule)
+    opt = _sgd(n, momentum)
+    # A small window: a few dozen refreshes and prefetched windows within the run.
+    with RemoteScheduler(
+        opt, "bin-oracle", url=live_server.url, spec=_spec(n, schedule, momentum), window=16
+    ) as sched:
+        for step in range(steps):
+            for mine, theirs in zip(opt.param_groups, ref.param_groups, strict=True):
+                assert type(mine["lr"]) is float
+                # torch's chainable form drifts by an ulp or so from the closed form.
+                assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-12), step
+                if momentum:
+                    assert mine["momentum"] == pytest.approx(theirs["momentum"], rel=1e-12)
+            sched.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                oracle.step()
+
+
+def test_the_client_asks_for_binary_and_json_gives_the_same(live_server: Any) -> None:
+    spec = _spec(32, WARMUP_COSINE, True)
+    with lrserve.Client(live_server.url) as client:
+        client.create_run("bin-client", spec)
+        call = _calls.get_lr_window("bin-client", 10, 300)
+        assert call.headers is not None and MEDIA_TYPE in call.headers["Accept"]
+        binary = client.get_lr_window("bin-client", 10, 300)
+        as_json = client._send(_calls.get_lr_window("bin-client", 10, 300, binary=False))
+        assert binary.values == as_json.values and binary.etag == as_json.etag
+        meta, arrays = client._get_lr_window_arrays("bin-client", 10, 300)
+        assert arrays is not None and arrays.array.shape == (300, 64)
+        assert arrays.columns() == as_json.values
+        again, none = client._get_lr_window_arrays("bin-client", 10, 300, etag=meta.etag)
+        assert again.not_modified and none is None
+    r = httpx.get(
+        f"{live_server.url}/v1/runs/bin-client/lr",
+        params={"start": 0, "count": 3},
+        headers={"Accept": _calls.ACCEPT},
+    )
+    assert r.headers["content-type"] == MEDIA_TYPE
+
+
+def test_json_fallback_arrays_match_binary(live_server: Any) -> None:
+    with lrserve.Client(live_server.url) as client:
+        client.create_run("bin-fallback", _spec(8, ONE_CYCLE, True))
+        _, b = client._get_lr_window_arrays("bin-fallback", 0, 100)
+        _, j = client._send(_calls.get_lr_window_arrays("bin-fallback", 0, 100, binary=False))
+        assert b is not None and j is not None and b.series == j.series
+        assert np.array_equal(b.array.view(np.int64), j.array.view(np.int64))

@@ -1,0 +1,253 @@
+"""Many ranks (issue 12): a values version, per-step counts kept incrementally, waits woken.
+
+Over real HTTP on SQLite and PostgreSQL:
+
+- a window's ETag names the run's *values*: partial reports and a completion that decides
+  no reduction leave it valid (304), and the values are still torch's; a reduction, an
+  override and a rewind change it;
+- ``reported_ranks`` counts ranks as they come, restarts after a rewind and after a delete;
+- reports waiting with ``?wait=`` are all answered once the last rank reports, on one
+  server and across two servers sharing one PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import ServerProcess, postgres_database, start_server
+from tests.service.helpers import close, new_id, plateau_spec
+
+
+def torch_plateau_lrs(losses: list[float], base: list[float], steps: int) -> list[list[float]]:
+    """torch's lr per group at steps ``0 .. steps - 1`` after ``losses[s]`` at step ``s``
+    (patience 1, factor 0.5): the lr of step ``s + 1`` is read after ``step(losses[s])``."""
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in base]
+    opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, base, strict=True)])
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    out = [[g["lr"] for g in opt.param_groups]]
+    for s in range(steps - 1):
+        if s < len(losses):
+            sched.step(losses[s])
+        out.append([g["lr"] for g in opt.param_groups])
+    return out
+
+
+def window(client: httpx.Client, run_id: str, etag: str | None = None) -> httpx.Response:
+    headers = {"If-None-Match": etag} if etag else {}
+    return client.get(f"/v1/runs/{run_id}/lr", params={"start": 0, "count": 20}, headers=headers)
+
+
+def check_torch(body: dict[str, Any], losses: list[float]) -> None:
+    expected = torch_plateau_lrs(losses, [0.1, 0.01], 20)
+    for i, name in enumerate(("g0", "g1")):
+        got = body["groups"][name]["lr"]
+        assert close(got, [expected[step][i] for step in range(20)]), (name, got)
+
+
+def report(client: httpx.Client, run_id: str, step: int, rank: int, loss: float) -> dict[str, Any]:
+    r = client.post(
+        f"/v1/runs/{run_id}/metrics",
+        json={"step": step, "rank": rank, "values": {"val_loss": loss}},
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def test_the_etag_changes_only_when_values_change(server: ServerProcess) -> None:
+    ranks = 8
+    with server.client() as c:
+        run_id = new_id()
+        assert c.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=ranks)).status_code == 201
+        first = window(c, run_id)
+        assert first.status_code == 200
+        etag = first.headers["ETag"]
+        versions = [c.get(f"/v1/runs/{run_id}").json()["version"]]
+        losses = [1.0, 2.0, 3.0]  # patience 1: step 2's report reduces, from step 3 on
+        for step, loss in enumerate(losses[:2]):
+            for rank in range(ranks):
+                answer = report(c, run_id, step, rank, loss)
+                assert answer["reported_ranks"] == rank + 1
+                assert answer["complete"] == (rank == ranks - 1)
+                versions.append(c.get(f"/v1/runs/{run_id}").json()["version"])
+                # A partial report, or a completion without a reduction: still exact.
+                assert window(c, run_id, etag).status_code == 304, (step, rank)
+        # The run's version still counts every report (API.md); the values version did not move.
+        assert versions == sorted(versions) and len(set(versions)) == len(versions)
+        again = window(c, run_id)
+        assert again.headers["ETag"] == etag
+        assert again.json() == first.json()
+        check_torch(again.json(), losses[:2])
+        doc = c.get(f"/v1/runs/{run_id}").json()
+        assert doc["values_version"] == first.json()["version"]
+
+        for rank in range(ranks):
+            answer = report(c, run_id, 2, rank, losses[2])
+        assert answer["complete"] and answer["decision"]["reduced"]
+        changed = window(c, run_id, etag)
+        assert changed.status_code == 200
+        assert changed.headers["ETag"] != etag
+        check_torch(changed.json(), losses)
+        assert changed.json()["groups"] != first.json()["groups"]
+        assert answer["groups"]["g0"]["lr"] == pytest.approx(0.05)
+
+        # An override changes values: a new ETag at once.
+        etag = changed.headers["ETag"]
+        r = c.post(
+            f"/v1/runs/{run_id}/overrides", json={"from_step": 200, "action": "scale", "value": 2}
+        )
+        assert r.status_code == 201, r.text
+        overridden = window(c, run_id, etag)
+        assert overridden.status_code == 200 and overridden.headers["ETag"] != etag
+        at = c.get(f"/v1/runs/{run_id}/lr", params={"step": 200, "lease": "false"}).json()
+        assert at["groups"]["g0"]["lr"] == pytest.approx(0.1)
+
+        # A rewind to before the reduction takes it back: another ETag, torch's values again.
+        etag = overridden.headers["ETag"]
+        r = c.post(f"/v1/runs/{run_id}/rewind", json={"to_step": 1, "key": "k1"})
+        assert r.status_code in (200, 201), r.text
+        rewound = window(c, run_id, etag)
+        assert rewound.status_code == 200 and rewound.headers["ETag"] != etag
+        assert rewound.json()["groups"]["g0"]["lr"][5] == pytest.approx(0.1)
+        # Step 2 starts counting again after the rewind.
+        assert report(c, run_id, 2, 0, 0.5)["reported_ranks"] == 1
+        assert report(c, run_id, 2, 0, 0.5)["reported_ranks"] == 1  # the same key again
+        conflict = c.post(
+            f"/v1/runs/{run_id}/metrics", json={"step": 2, "rank": 0, "values": {"val_loss": 9}}
+        )
+        assert conflict.status_code == 409
+        assert report(c, run_id, 2, 1, 0.5)["reported_ranks"] == 2
+
+
+def test_counts_restart_when_a_run_is_created_again(server: ServerProcess) -> None:
+    with server.client() as c:
+        run_id = new_id()
+        for _ in range(2):
+            assert c.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=4)).status_code == 201
+            for rank in range(3):
+                assert report(c, run_id, 0, rank, 1.0)["reported_ranks"] == rank + 1
+            assert c.delete(f"/v1/runs/{run_id}").status_code in (200, 204)
+
+
+def wait_all(
+    server: ServerProcess, run_id: str, ranks: range, step: int
+) -> tuple[list[dict[str, Any]], list[threading.Thread]]:
+    """Reports of ``ranks`` for ``step``, each waiting (in its own thread) for the step."""
+    answers: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def one(rank: int) -> None:
+        with server.client(timeout=60) as c:
+            r = c.post(
+                f"/v1/runs/{run_id}/metrics",
+                params={"wait": 30},
+                json={"step": step, "rank": rank, "values": {"val_loss": 1.0 + rank}},
+            )
+            with lock:
+                answers.append(r.json() if r.status_code == 200 else {"error": r.text})
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    return answers, threads
+
+
+def join(threads: list[threading.Thread], answers: list[dict[str, Any]], n: int) -> None:
+    for t in threads:
+        t.join(60)
+    assert len(answers) == n
+    assert all(a.get("complete") for a in answers), answers
+
+
+def waiting(server: ServerProcess) -> float:
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers).text
+    for line in text.splitlines():
+        if line.startswith("lrserve_report_waits "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def until(predicate: Callable[[], bool], seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def test_waiting_ranks_are_answered_when_the_last_one_reports(server: ServerProcess) -> None:
+    ranks = 24
+    with server.client() as c:
+        run_id = new_id()
+        assert c.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=ranks)).status_code == 201
+        answers, threads = wait_all(server, run_id, range(ranks - 1), 0)
+        assert until(lambda: waiting(server) >= ranks - 1, 30), waiting(server)
+        last = report(c, run_id, 0, ranks - 1, 5.0)
+        join(threads, answers, ranks - 1)
+    assert last["complete"]
+    for a in answers:
+        assert a.get("complete") is True, a
+        assert a["reported_ranks"] == ranks
+        assert a["decision"] == last["decision"]
+        assert a["groups"] == last["groups"]
+
+
+@pytest.mark.postgres
+def test_a_completion_on_one_replica_answers_waits_on_another(tmp_path: Path) -> None:
+    with postgres_database() as url:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        # Server A polls for completions only every minute: its waits can end in time only
+        # if B's completion wakes them (NOTIFY).
+        a = start_server(tmp_path / "a", url, env={"LRSERVE_WAIT_POLL_SECONDS": "60"})
+        b = start_server(tmp_path / "b", url)
+        try:
+            ranks = 8
+            run_id = new_id()
+            with b.client() as cb:
+                spec = plateau_spec(world_size=ranks)
+                assert cb.put(f"/v1/runs/{run_id}", json=spec).status_code == 201
+                answers, threads = wait_all(a, run_id, range(ranks - 1), 0)
+                assert until(lambda: waiting(a) >= ranks - 1, 30)
+                started = time.monotonic()
+                last = report(cb, run_id, 0, ranks - 1, 2.0)
+                join(threads, answers, ranks - 1)
+                elapsed = time.monotonic() - started
+            assert last["complete"]
+            assert elapsed < 20, f"the waits on A ended {elapsed:.1f} s after B's completion"
+            for ans in answers:
+                assert ans.get("complete") is True, ans
+                assert ans["decision"] == last["decision"]
+        finally:
+            a.stop()
+            b.stop()
+
+
+def test_a_run_created_again_does_not_answer_with_the_old_completion(
+    server: ServerProcess,
+) -> None:
+    with server.client() as c:
+        run_id = new_id()
+        assert c.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=2)).status_code == 201
+        answers, threads = wait_all(server, run_id, range(1), 0)
+        assert until(lambda: waiting(server) >= 1, 30)
+        assert report(c, run_id, 0, 1, 1.0)["complete"]
+        join(threads, answers, 1)
+        assert c.delete(f"/v1/runs/{run_id}").status_code in (200, 204)
+        assert c.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=2)).status_code == 201
+        r = c.post(
+            f"/v1/runs/{run_id}/metrics",
+            params={"wait": 1},
+            json={"step": 0, "rank": 0, "values": {"val_loss": 1.0}},
+        )
+        assert r.status_code == 200
+        assert r.json()["complete"] is False and r.json()["reported_ranks"] == 1

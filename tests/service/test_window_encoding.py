@@ -1,0 +1,206 @@
+"""The binary window encoding (``Accept: application/vnd.lrserve.window``) against JSON.
+
+Every window is fetched both ways from a real server and compared bit for bit; the
+encoder's own paths (shape and scale, raw fallback, identical columns) are checked on
+arrays built to hit each one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from lrserve._codec import MEDIA_TYPE, decode_window
+
+from service.api.window_codec import encode_window, wants_binary
+from tests.conftest import ServerProcess
+from tests.service.helpers import COSINE_SPEC, new_id
+
+BINARY = {"Accept": MEDIA_TYPE}
+
+
+def _layerwise(n: int, schedule: dict[str, Any], momentum: bool = False) -> dict[str, Any]:
+    groups: list[dict[str, Any]] = []
+    for i in range(n):
+        g: dict[str, Any] = {"name": f"layer{i}", "lr": 1e-3 * 0.93**i}
+        if momentum:
+            g["momentum"] = 0.9
+        groups.append(g)
+    return {"groups": groups, "schedule": schedule}
+
+
+COSINE = {"type": "CosineAnnealingLR", "T_max": 900}
+COSINE_FLOOR = {"type": "CosineAnnealingLR", "T_max": 900, "eta_min": 1e-5}
+ONE_CYCLE = {"type": "OneCycleLR", "max_lr": 0.1, "total_steps": 5000}
+
+CASES = {
+    "cosine-256-groups": _layerwise(256, COSINE),
+    "cosine-floor-16-groups": _layerwise(16, COSINE_FLOOR),
+    "one-cycle-momentum-8-groups": _layerwise(8, ONE_CYCLE, momentum=True),
+    "warmup-cosine": COSINE_SPEC,
+}
+
+
+def _both(client: httpx.Client, rid: str, start: int, count: int) -> tuple[Any, Any, Any]:
+    q = {"start": start, "count": count, "lease": "false"}
+    j = client.get(f"/v1/runs/{rid}/lr", params=q)
+    b = client.get(f"/v1/runs/{rid}/lr", params=q, headers=BINARY)
+    assert j.status_code == b.status_code == 200, (j.text, b.text[:200])
+    assert j.headers["content-type"].startswith("application/json")
+    assert b.headers["content-type"].startswith(MEDIA_TYPE)
+    # The ETag names the values, not their encoding; caches must keep the two apart.
+    assert j.headers["etag"] == b.headers["etag"]
+    assert "accept" in b.headers["vary"].lower() and "accept" in j.headers["vary"].lower()
+    return j.json(), decode_window(b.content), b
+
+
+def _bits(values: list[Any]) -> np.ndarray:
+    as_float = [float(v) for v in values]  # "NaN"/"Infinity" strings for non-finite values
+    return np.asarray(as_float, dtype=np.float64).view(np.int64)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_binary_windows_equal_json_bitwise(server: ServerProcess, case: str) -> None:
+    rid = new_id("enc")
+    with server.client() as client:
+        assert client.put(f"/v1/runs/{rid}", json=CASES[case]).status_code == 201
+        for start, count in ((0, 1), (0, 1000), (37, 4096), (4990, 20)):
+            body, w, raw = _both(client, rid, start, count)
+            assert (w.start, w.count, w.version) == (body["start"], body["count"], body["version"])
+            assert w.run == rid
+            groups = body["groups"]
+            assert w.series == [(g, f) for g, fs in groups.items() for f in fs]
+            for j, (g, f) in enumerate(w.series):
+                assert np.array_equal(w.array[:, j].view(np.int64), _bits(groups[g][f])), (g, f)
+            if case == "cosine-256-groups" and count >= 1000:
+                # One shape and 255 scales: far smaller than the columns themselves.
+                assert len(raw.content) < 8 * count * 256 / 4
+
+
+def test_304_with_the_etag_either_way(server: ServerProcess) -> None:
+    rid = new_id("enc")
+    with server.client() as client:
+        assert client.put(f"/v1/runs/{rid}", json=CASES["cosine-256-groups"]).status_code == 201
+        q = {"start": 0, "count": 64}
+        first = client.get(f"/v1/runs/{rid}/lr", params=q, headers=BINARY)
+        tag = first.headers["etag"]
+        for accept in (MEDIA_TYPE, "application/json"):
+            again = client.get(
+                f"/v1/runs/{rid}/lr", params=q, headers={"Accept": accept, "If-None-Match": tag}
+            )
+            assert again.status_code == 304 and again.content == b""
+            assert again.headers["etag"] == tag and "accept" in again.headers["vary"].lower()
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "text/html",
+        "*/*",
+        "application/json",
+        f"{MEDIA_TYPE};q=0",
+        f"{MEDIA_TYPE};q=banana",
+        f"{MEDIA_TYPE};q=0.2, application/json",
+        f"{MEDIA_TYPE};;;q=",
+        ",,,;",
+        f"{MEDIA_TYPE}+json, {MEDIA_TYPE}x",
+    ],
+)
+def test_other_or_bad_accept_headers_get_json(server: ServerProcess, accept: str) -> None:
+    rid = new_id("enc")
+    with server.client() as client:
+        assert client.put(f"/v1/runs/{rid}", json=COSINE_SPEC).status_code == 201
+        r = client.get(
+            f"/v1/runs/{rid}/lr", params={"start": 0, "count": 5}, headers={"Accept": accept}
+        )
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+        assert len(r.json()["groups"]["head"]["lr"]) == 5
+
+
+def test_binary_errors_are_problem_json(server: ServerProcess) -> None:
+    with server.client() as client:
+        r = client.get(f"/v1/runs/{new_id()}/lr", params={"start": 0, "count": 5}, headers=BINARY)
+        assert r.status_code == 404
+        assert r.headers["content-type"].startswith("application/problem+json")
+        rid = new_id("enc")
+        assert client.put(f"/v1/runs/{rid}", json=COSINE_SPEC).status_code == 201
+        r = client.get(f"/v1/runs/{rid}/lr", params={"start": 0, "count": 0}, headers=BINARY)
+        assert r.status_code == 422
+
+
+def test_windows_at_many_groups_in_both_encodings(server: ServerProcess) -> None:
+    rid = new_id("enc")
+    with server.client() as client:
+        spec = _layerwise(1024, COSINE, momentum=True)
+        assert client.put(f"/v1/runs/{rid}", json=spec).status_code == 201
+        body, w, raw = _both(client, rid, 100, 512)
+        assert w.array.shape == (512, 2048)
+        for j in (0, 1, 2, 1023, 2047):
+            g, f = w.series[j]
+            assert np.array_equal(w.array[:, j].view(np.int64), _bits(body["groups"][g][f]))
+        # Momentum is one column for all 1,024 groups, lr one shape and 1,023 scales.
+        as_json = client.get(f"/v1/runs/{rid}/lr", params={"start": 100, "count": 512})
+        assert len(raw.content) < len(as_json.content) / 20
+
+
+# -- the encoder's paths, on arrays built to hit each -----------------------------------------
+
+
+def _kinds(body: bytes) -> list[str]:
+    import json
+    import struct
+
+    (n,) = struct.unpack_from("<I", body, 4)
+    return [s["kind"] for s in json.loads(body[8 : 8 + n])["series"]]
+
+
+def _roundtrip(values: dict[str, dict[str, np.ndarray]]) -> list[str]:
+    count = len(next(iter(next(iter(values.values())).values())))
+    body = encode_window("r", 5, count, 3, values)
+    w = decode_window(body)
+    assert (w.start, w.count, w.version) == (5, count, 3)
+    for j, (g, f) in enumerate(w.series):
+        assert np.array_equal(w.array[:, j].view(np.int64), values[g][f].view(np.int64)), (g, f)
+    return _kinds(body)
+
+
+def test_encoder_shape_scale_same_and_raw_paths() -> None:
+    t = np.arange(2000, dtype=np.float64)
+    shape = 0.5 * (1 + np.cos(np.pi * t / 2000))
+    values = {
+        "a": {"lr": 1e-3 * shape, "momentum": np.full(2000, 0.9)},
+        "b": {"lr": 3.7e-4 * shape, "momentum": np.full(2000, 0.9)},
+        "c": {"lr": 1e-5 + 2e-3 * shape},  # not proportional: raw
+        "d": {"lr": np.random.default_rng(0).random(2000)},  # nothing to share: raw
+        "e": {"lr": 1e-3 * shape},  # identical to a's
+    }
+    kinds = _roundtrip(values)
+    assert kinds == ["raw", "raw", "scaled", "same", "raw", "raw", "same"]
+
+
+def test_encoder_lossless_for_awkward_values() -> None:
+    t = np.linspace(-1, 1, 333)
+    nan_inf = np.array([math.nan, math.inf, -math.inf, 0.0, -0.0] * 10)
+    values = {
+        "neg": {"lr": -1e-3 * t},
+        "zero": {"lr": np.zeros(333)},
+        "tiny": {"lr": 5e-324 * np.ones(333)},
+        "signs": {"lr": 2e-3 * t},
+        "scaled_neg": {"lr": -7.1 * 2e-3 * t},
+    }
+    _roundtrip(values)
+    _roundtrip({"x": {"lr": nan_inf}, "y": {"lr": 2 * nan_inf}})
+
+
+def test_wants_binary() -> None:
+    assert wants_binary(MEDIA_TYPE)
+    assert wants_binary(f"{MEDIA_TYPE}, application/json;q=0.5")
+    assert wants_binary(f"application/json;q=0.5, {MEDIA_TYPE}")
+    assert not wants_binary(None)
+    assert not wants_binary("application/json")
+    assert not wants_binary(f"{MEDIA_TYPE};q=0")
+    assert not wants_binary(f"{MEDIA_TYPE};q=0.1, application/json")
+    assert not wants_binary(f"{MEDIA_TYPE};q=2")
