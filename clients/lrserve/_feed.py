@@ -200,7 +200,7 @@ class RateFeed:
                 warnings.warn(f"lrserve: report ignored: {exc}", RuntimeWarning, stacklevel=2)
                 return None
             self._back_online()
-            if self._w is None or res.get("version") != self._w.version:
+            if self._w is None or res.get("values_version", res.get("version")) != self._w.version:
                 try:
                     self._install(self._fetch(int(step) + 1), force=True)
                 except _UNAVAILABLE as exc:

@@ -163,6 +163,8 @@ class ReportResult(TypedDict):
     #: How many ranks have reported this step so far.
     reported_ranks: int
     version: int
+    #: The values version with this answer: a window carrying it is still exact.
+    values_version: int
     decision: Decision | None
     applies_from: int
     groups: dict[str, GroupValues]

@@ -603,7 +603,7 @@ class RemoteScheduler(LRScheduler):
 
     def _after_report(self, res: Mapping[str, Any], force: bool = False) -> None:
         b = self._bound
-        same = b is not None and not b.window.held and res.get("version") == b.window.version
+        same = b is not None and not b.window.held and _values_version(res) == b.window.version
         if same and not force:
             return
         try:
@@ -614,7 +614,7 @@ class RemoteScheduler(LRScheduler):
             # brings the rest of the window when the service answers again.
             cols = {g: {f: [float(v)] for f, v in fs.items()} for g, fs in res["groups"].items()}
             start = int(res.get("applies_from", self._step + 1))
-            self._install(Window(start, 1, int(res["version"]), None, cols), force=True)
+            self._install(Window(start, 1, _values_version(res), None, cols), force=True)
 
     def _queue_report(
         self, s: int, values: dict[str, float | None], exc: BaseException | None
@@ -762,7 +762,7 @@ class RemoteScheduler(LRScheduler):
                     log.warning("lrserve: report ignored: %s", exc)
             if res is not None:
                 cur = self._next or (self._bound.window if self._bound else None)
-                if cur is None or cur.version != res.get("version"):
+                if cur is None or cur.version != _values_version(res):
                     try:
                         self._next = self._fetch(self._step)
                     except _UNAVAILABLE as exc:
@@ -1141,6 +1141,12 @@ class RemoteScheduler(LRScheduler):
 
 class _NotModified(Exception):
     """The server answered 304: the window in hand is still exact."""
+
+
+def _values_version(res: Mapping[str, Any]) -> int:
+    """The values version a report's answer names (an older server sends only ``version``,
+    which its windows carried too)."""
+    return int(res.get("values_version", res["version"]))
 
 
 def _incarnation(etag: str | None) -> str | None:

@@ -320,6 +320,10 @@ class ReportOut(_Answer):
     complete: bool
     reported_ranks: int
     version: int
+    values_version: int = Field(
+        description="the run's values version with this answer: a window fetched at this "
+        "values version is still exact (no refetch needed after a partial report)"
+    )
     decision: DecisionOut | None = Field(description="null until the step is complete")
     applies_from: int
     groups: GroupValues

@@ -313,6 +313,8 @@ class ReportOutcome(NamedTuple):
     completed_now: bool
     stop: bool = False
     """A range test is finished at ``step`` (diverged, or its last step): trainers stop."""
+    values_version: int | None = None
+    """The run's values version with this answer: a trainer whose window carries it keeps it."""
 
 
 @dataclass(frozen=True)
@@ -1238,6 +1240,7 @@ class Runs:
             complete=complete,
             reported_ranks=ranks,
             version=run.version,
+            values_version=run.values_version,
             decision=decision if complete else None,
             groups=groups,
             duplicate=result.duplicate,

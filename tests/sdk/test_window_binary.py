@@ -103,3 +103,49 @@ def test_json_fallback_arrays_match_binary(live_server: Any) -> None:
         _, j = client._send(_calls.get_lr_window_arrays("bin-fallback", 0, 100, binary=False))
         assert b is not None and j is not None and b.series == j.series
         assert np.array_equal(b.array.view(np.int64), j.array.view(np.int64))
+
+
+def _lr_gets(url: str, run_id: str) -> float:
+    """GET .../lr answers the server counted for ``run_id`` (its Prometheus counter)."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("lrserve_http_requests_total{") and 'method="GET"' in line:
+            if '/lr"' in line and 'status="200"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_report_that_changes_no_values_keeps_the_window(live_server: Any) -> None:
+    """A report answer names the values version: the scheduler refetches only when it moved."""
+    spec = {
+        "groups": [{"name": "g0", "lr": 0.1}, {"name": "g1", "lr": 0.01}],
+        "schedule": {"type": "ReduceLROnPlateau", "metric": "loss", "patience": 0, "factor": 0.5},
+    }
+    ref = _sgd(2, False)
+    for g, lr in zip(ref.param_groups, (0.1, 0.01), strict=True):
+        g["lr"] = lr
+    oracle = torch.optim.lr_scheduler.ReduceLROnPlateau(ref, patience=0, factor=0.5)
+    opt = _sgd(2, False)
+    for g, lr in zip(opt.param_groups, (0.1, 0.01), strict=True):
+        g["lr"] = lr
+    with RemoteScheduler(
+        opt, "keep-window", url=live_server.url, spec=spec, poll_interval=3600
+    ) as sched:
+        before = _lr_gets(live_server.url, "keep-window")
+        losses = [1.0, 0.9, 0.8, 0.7, 2.0, 0.5]  # improving, then one rise: one reduction
+        fetched = []
+        for loss in losses:
+            sched.step()  # a reduction decided at step s applies from s + 1: torch's order
+            for mine, theirs in zip(opt.param_groups, ref.param_groups, strict=True):
+                assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-12), loss
+            sched.report({"loss": loss})
+            oracle.step(loss)
+            fetched.append(_lr_gets(live_server.url, "keep-window") - before)
+        sched.step()
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+            [g["lr"] for g in ref.param_groups], rel=1e-12
+        )
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+        # No window fetched while the values did not change; one after the reduction.
+        assert fetched[:4] == [0, 0, 0, 0], fetched
+        assert fetched[4] >= 1, fetched

@@ -77,6 +77,8 @@ def test_the_etag_changes_only_when_values_change(server: ServerProcess) -> None
                 answer = report(c, run_id, step, rank, loss)
                 assert answer["reported_ranks"] == rank + 1
                 assert answer["complete"] == (rank == ranks - 1)
+                # The answer names the values version its trainer's window still has.
+                assert answer["values_version"] == first.json()["version"], (step, rank)
                 versions.append(c.get(f"/v1/runs/{run_id}").json()["version"])
                 # A partial report, or a completion without a reduction: still exact.
                 assert window(c, run_id, etag).status_code == 304, (step, rank)
@@ -95,6 +97,7 @@ def test_the_etag_changes_only_when_values_change(server: ServerProcess) -> None
         changed = window(c, run_id, etag)
         assert changed.status_code == 200
         assert changed.headers["ETag"] != etag
+        assert answer["values_version"] == changed.json()["version"] != first.json()["version"]
         check_torch(changed.json(), losses)
         assert changed.json()["groups"] != first.json()["groups"]
         assert answer["groups"]["g0"]["lr"] == pytest.approx(0.05)

@@ -74,6 +74,7 @@ async def post_metrics(request: Request) -> Response:
             "complete": outcome.complete,
             "reported_ranks": outcome.reported_ranks,
             "version": outcome.version,
+            "values_version": outcome.values_version,
             "decision": outcome.decision,
             "applies_from": outcome.step + 1,
             "groups": outcome.groups,
