@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import replace
 
-from service.config import LOOPBACK_HOSTS, Settings
+from service.config import LOOPBACK_HOSTS, Settings, SettingsError
 
 log = logging.getLogger("lrserve.cli")
 
@@ -80,6 +80,20 @@ def parse_settings(argv: list[str] | None) -> Settings:
     )
 
 
+_AT_LEAST = {
+    "cache_bytes": 1 << 20,
+    "compile_cache_bytes": 1 << 20,
+    "max_request_work": 1 << 16,
+    "max_curve_span": 1000,
+    "max_json_depth": 8,
+    "busy_timeout_ms": 0,
+    "pool_min": 1,
+    "pool_max": 1,
+    "min_free_bytes": 0,
+}
+"""The least value each of these settings may have (see docs/operations.md)."""
+
+
 def check_settings(settings: Settings) -> str | None:
     """Why these settings must not start a server, or None."""
     if not 0 <= settings.port <= 65535:
@@ -100,6 +114,22 @@ def check_settings(settings: Settings) -> str | None:
             return f"LRSERVE_{name.upper()} must be more than 0 and at most 3600 s, not {value}"
     if settings.max_connections < 0:
         return f"LRSERVE_MAX_CONNECTIONS must be 0 (automatic) or more: {settings.max_connections}"
+    # Budgets: below these a cache holds too little to help, a limit refuses ordinary requests.
+    for name, low in _AT_LEAST.items():
+        value = getattr(settings, name)
+        if value < low:
+            return f"LRSERVE_{name.upper()} must be at least {low}, not {value}"
+    if settings.pool_max < settings.pool_min:
+        return (
+            f"LRSERVE_POOL_MAX ({settings.pool_max}) must be at least "
+            f"LRSERVE_POOL_MIN ({settings.pool_min})"
+        )
+    if not 0 < settings.wait_poll_seconds <= 60:
+        value = settings.wait_poll_seconds
+        return f"LRSERVE_WAIT_POLL_SECONDS must be more than 0 and at most 60 s, not {value}"
+    if not 0 <= settings.max_wait_seconds <= 300:
+        # ?wait= itself is at most 300 s (docs/api.md).
+        return f"LRSERVE_MAX_WAIT_SECONDS must be 0 to 300 s, not {settings.max_wait_seconds}"
     if settings.read_token and not settings.token:
         return "--read-token needs --token too (otherwise nobody could write)"
     if (
@@ -151,7 +181,11 @@ def serve_main(argv: list[str] | None = None) -> int:
     from service.api.observability import configure_logging
     from service.api.protocol import PROTOCOL
 
-    settings = parse_settings(argv)
+    try:
+        settings = parse_settings(argv)
+    except SettingsError as exc:
+        print(f"lrserve serve: error: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
     problem = check_settings(settings)
     if problem is None:

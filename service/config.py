@@ -15,8 +15,37 @@ DEFAULT_DATABASE = "sqlite:///./lrserve.db"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class SettingsError(ValueError):
+    """A ``LRSERVE_*`` variable whose value cannot be read (the message names it)."""
+
+
 def _env_bool(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in {"1", "true", "yes", "on"}
+    return value is not None and value.strip().lower() in _TRUE
+
+
+def _parse(name: str, raw: str, default: object) -> object:
+    """``raw`` as the type of ``default``, or a :class:`SettingsError` naming ``name``."""
+    text = raw.strip()
+    if isinstance(default, bool):
+        if text.lower() not in _TRUE | _FALSE:
+            raise SettingsError(f"{name} must be one of 1/0, true/false, yes/no, on/off: {raw!r}")
+        return text.lower() in _TRUE
+    try:
+        if isinstance(default, int):
+            return int(text.replace("_", ""))
+        if isinstance(default, float):
+            value = float(text)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(text)
+            return value
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise SettingsError(f"{name} must be {kind}, not {raw!r}") from None
+    return raw
 
 
 @dataclass(frozen=True)
@@ -71,22 +100,19 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Settings from ``LRSERVE_*`` variables (unset ones keep their defaults)."""
+        """Settings from ``LRSERVE_*`` variables (unset ones keep their defaults).
+
+        Raises :class:`SettingsError`, naming the variable, for a value of the wrong type
+        (ranges are checked by ``service.cli.check_settings``).
+        """
         env = os.environ if env is None else env
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = env.get(f"LRSERVE_{f.name.upper()}")
+            name = f"LRSERVE_{f.name.upper()}"
+            raw = env.get(name)
             if raw is None or raw == "":
                 continue
-            default = f.default
-            if isinstance(default, bool):
-                values[f.name] = _env_bool(raw)
-            elif isinstance(default, int):
-                values[f.name] = int(raw)
-            elif isinstance(default, float):
-                values[f.name] = float(raw)
-            else:
-                values[f.name] = raw
+            values[f.name] = _parse(name, raw, f.default)
         # The documented name of the escape hatch for unauthenticated non-loopback binds.
         if _env_bool(env.get("LRSERVE_ALLOW_UNAUTHENTICATED")):
             values["allow_unauthenticated"] = True
