@@ -127,8 +127,10 @@ class Window:
         return Window(step, count, version, None, None, True, array=array, series=series)
 
 
-LISTED_VALUES = 1 << 16
-"""Windows of at most this many values are bound as lists of rows (see BoundWindow)."""
+PROBE_AT = 128
+"""Index at which a bound window first wakes its scheduler (see ``BoundWindow.refill_at``),
+which times the next ``PROBE_AT`` steps: a loop that would finish the window before a
+fetch could bring the next one has it asked for then; any other loop is woken half way."""
 
 # Where a field of the wire lives in a torch param group: (key, index in a tuple or None).
 _FIELD_KEYS: dict[str, tuple[str, int | None]] = {
@@ -172,13 +174,12 @@ class BoundWindow:
     buckets: list[tuple[list[torch.Tensor], torch.Tensor]]
     """Accelerator tensors of one device/dtype/shape: ``_foreach_copy_(targets, rows[i])``."""
     refill: int | None = None
-    """Index at which the refresher is woken to fetch the next window (default: half way)."""
+    """Index at which the scheduler is first woken (default: ``PROBE_AT``, or half way
+    when that comes first); the scheduler may move it later (:meth:`move_refill`)."""
     rows: Any = field(init=False)
-    """Step ``start + i``'s row: ``rows[i]`` (a list when ``listed``) or ``rows[i].tolist()``."""
-    listed: bool = field(init=False)
-    """Whether ``rows`` is a list of lists: a small window (up to ``LISTED_VALUES`` values)
-    is converted once here, in C (under a millisecond), which saves a step the cost of
-    converting its row; a large one would hold the GIL too long and is converted by row."""
+    """Step ``start + i``'s row: ``rows[i].tolist()`` (a view of the window's array: nothing
+    is converted at bind time, which would hold the GIL for milliseconds on a big window
+    and cost more than the rows it saves converting, ~0.2 µs each)."""
     python: bool = field(init=False)
     """Whether a step writes anything from the row as Python floats (floats/tuples/fills)."""
     start: int = field(init=False)
@@ -186,20 +187,27 @@ class BoundWindow:
     refill_at: int = field(init=False)
 
     def __post_init__(self) -> None:
-        array = self.window.array
-        listed = array.size <= LISTED_VALUES
-        object.__setattr__(self, "rows", array.tolist() if listed else array)
-        object.__setattr__(self, "listed", listed)
+        object.__setattr__(self, "rows", self.window.array)
         object.__setattr__(self, "python", bool(self.floats or self.tuples or self.fills))
         object.__setattr__(self, "start", self.window.start)
         object.__setattr__(self, "count", self.window.count)
-        at = max(0, self.window.count // 2) if self.refill is None else self.refill
+        half = max(0, self.window.count // 2)
+        at = min(PROBE_AT, half) if self.refill is None else self.refill
+        object.__setattr__(self, "refill_at", at)
+
+    @property
+    def half(self) -> int:
+        """The index half way through the window."""
+        return max(0, self.count // 2)
+
+    def move_refill(self, at: int) -> None:
+        """Wake the scheduler at index ``at`` instead (the step thread's one mutation)."""
         object.__setattr__(self, "refill_at", at)
 
     def apply(self, i: int) -> None:
         """Write the values of index ``i`` (step ``start + i``) into the param groups."""
         if self.python:
-            row = self.rows[i] if self.listed else self.rows[i].tolist()
+            row = self.rows[i].tolist()
             for d, k, j in self.floats:
                 d[k] = row[j]
             for d, k, head, rest, j in self.tuples:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import threading
 import time
 import warnings
@@ -55,7 +56,7 @@ from ._errors import (
 from ._metrics import aggregate as aggregate_ranks
 from ._metrics import metric_values
 from ._types import ReportResult
-from ._window import BoundWindow, Window, bind, memory_key, read_values
+from ._window import PROBE_AT, BoundWindow, Window, bind, memory_key, read_values
 
 __all__ = [
     "LRServeOfflineWarning",
@@ -77,6 +78,53 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (TransportError, ServerError, ht
 
 
 MAX_WINDOW = 100_000  # the server's longest window
+
+FETCH_VALUES = 1 << 18
+"""A fast loop's windows grow (doubling, up to 4x ``window``) while a window holds at most
+this many values (2 MiB of float64): past that, a fetch takes longer than it saves."""
+
+FETCH_SWITCH_INTERVAL = 0.0002
+"""``sys.setswitchinterval`` while a fetch the loop is waiting on is in flight (see
+:class:`_FastSwitch`)."""
+
+
+class _FastSwitch:
+    """Lowers the interpreter's switch interval while any scheduler's fetch is in flight.
+
+    A busy training loop holds the GIL; each time the refresher's thread comes back from
+    the network (a 64 KiB read of the body, the wake-up itself) it waits for the loop to
+    drop it, up to the switch interval (5 ms by default) each time, and a fetch of a few
+    dozen reads would take longer than a fast loop's window lasts. With a 0.2 ms interval
+    the refresher gets the GIL back at once, and the loop gives it up only as often as the
+    refresher has something to do (a sleep in every step would hand it over at every step
+    instead, costing ~100 µs each). The interval is put back when the last fetch ends,
+    unless someone else changed it meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved: float | None = None
+
+    def enter(self) -> None:
+        with self._lock:
+            self._active += 1
+            if self._active == 1:
+                current = sys.getswitchinterval()
+                if current > FETCH_SWITCH_INTERVAL:
+                    self._saved = current
+                    sys.setswitchinterval(FETCH_SWITCH_INTERVAL)
+
+    def exit(self) -> None:
+        with self._lock:
+            self._active = max(0, self._active - 1)
+            if self._active == 0 and self._saved is not None:
+                if abs(sys.getswitchinterval() - FETCH_SWITCH_INTERVAL) < 1e-6:
+                    sys.setswitchinterval(self._saved)
+                self._saved = None
+
+
+_FAST_SWITCH = _FastSwitch()
 
 
 class LRServeOfflineWarning(UserWarning):
@@ -283,11 +331,19 @@ class RemoteScheduler(LRScheduler):
         self._ahead: BoundWindow | None = None
         self._bound_since = time.monotonic()  # when the bound window's first step ran
         self._fast = False  # the loop consumes a window in about the time a fetch takes
-        # While the refresher fetches, step() hands it the GIL at every step (sleep(0)): a
-        # busy loop would otherwise hold it for the whole switch interval (5 ms) each time
-        # the refresher's thread comes back from the network, a fetch would take tens of
-        # ms, and the loop would run out of values waiting for it.
-        self._yield = False
+        self._fetch_took = 0.0  # seconds the last window fetch took
+        # Whether step() woke the refresher for a fetch and lowered the switch interval
+        # (_FastSwitch) until the refresher is done with it.
+        self._switching = False
+        self._switch_lock = threading.Lock()
+        # (window start, index, time) of the step where the loop's pace started to be timed
+        # (a window's start, not the window: nothing old is kept alive for it).
+        self._pace_mark: tuple[int, int, float] | None = None
+        # The bound window whose successor step() asked the refresher for, and whether the
+        # loop is near that window's end without it (each step then yields the GIL).
+        self._want_ahead: BoundWindow | None = None
+        self._hurry = False
+        self._pace: tuple[int, float] | None = None  # (window start, seconds per step)
         self._validated_at = -math.inf  # when the server last confirmed the window's version
         self._ahead_ready = threading.Event()  # set when no fetch of the next window runs
         self._ahead_ready.set()
@@ -303,6 +359,7 @@ class RemoteScheduler(LRScheduler):
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_heartbeat = -HEARTBEAT_INTERVAL  # the first refresh sends one
+        self._heartbeat_due: float | None = None  # since when a fast loop put one off
         # Before anything is bound to the param groups' tensors.
         self._untie()
 
@@ -366,7 +423,7 @@ class RemoteScheduler(LRScheduler):
                 self._step = s
                 if b.python:
                     # One row converted per step (a C loop); nothing per value at bind time.
-                    row = b.rows[i] if b.listed else b.rows[i].tolist()
+                    row = b.rows[i].tolist()
                     for d, k, j in b.floats:
                         d[k] = row[j]
                     if b.tuples:
@@ -379,15 +436,78 @@ class RemoteScheduler(LRScheduler):
                     for targets, rows in b.buckets:
                         torch._foreach_copy_(targets, rows[i].unbind(0))
                 if i == b.refill_at:
-                    self._wake.set()
-                    # Until the refresher has run (see __init__); ranks without one never.
-                    self._yield = self._thread is not None
-                elif self._yield:
-                    time.sleep(0)
+                    self._at_refill(b, i)
+                elif self._hurry:
+                    time.sleep(0)  # the window is nearly used up: let the refresher finish
                 return
         self._step_slow(s)
 
+    def _at_refill(self, b: BoundWindow, i: int) -> None:
+        """Step thread, at ``b.refill_at``: wake the refresher to fetch the next window.
+
+        Before half way it times the loop: at ``PROBE_AT`` it notes the time, ``PROBE_AT``
+        steps later it has the loop's pace (from steps taken, not from when the window
+        arrived: a loop starts a while after construction). A loop that would reach the
+        window's end within a few fetch times has the next window asked for then; any other
+        is woken again half way, as before.
+        """
+        if self._thread is None:
+            return  # a rank without a refresher
+        if self._collective:
+            self._wake.set()  # chief rank 0: the refresher brings the next sync's values
+            return
+        if self._want_ahead is b:
+            # The late checkpoint: the next window was asked for and is not here yet. From
+            # now on each step hands the refresher the GIL (sleep(0)), so that its fetch
+            # ends before the loop runs out, rather than the loop stopping dead at the end.
+            with self._io_lock:
+                a = self._ahead
+                if a is None or a.window.start != b.window.end:
+                    self._hurry = True
+            return
+        if i < b.half:
+            now = time.monotonic()
+            mark = self._pace_mark
+            if mark is None or mark[0] != b.start or mark[1] >= i:
+                self._pace_mark = (b.start, i, now)
+                b.move_refill(min(i + PROBE_AT, b.half))
+                return
+            self._pace_mark = None
+            per_step = (now - mark[2]) / max(i - mark[1], 1)
+            self._pace = (b.start, per_step)
+            left = (b.count - i) * per_step
+            if left >= 4 * self._fetch_took:
+                b.move_refill(b.half)
+                return
+            self._fast = True
+        self._want_ahead = b
+        self._wake_for_fetch()
+        self._mark_late(b, i)
+
+    def _mark_late(self, b: BoundWindow, i: int) -> None:
+        """Have step() look again when ``b`` is 7/8 used (see :meth:`_at_refill`)."""
+        late = b.count - max(1, b.count // 8)
+        b.move_refill(late if late > i else -1)
+
+    def _wake_for_fetch(self) -> None:
+        """Wake the refresher for a fetch the loop will need soon (switch interval lowered)."""
+        with self._switch_lock:
+            if not self._switching:
+                self._switching = True
+                _FAST_SWITCH.enter()
+            self._wake.set()
+
+    def _fetch_done(self, *, unless_woken: bool = False) -> None:
+        """The refresher is done: put the switch interval back (``unless_woken``: not when
+        the step thread already asked for the next fetch, which would then wait for the GIL
+        a whole switch interval again)."""
+        with self._switch_lock:
+            if self._switching and not (unless_woken and self._wake.is_set()):
+                self._switching = False
+                _FAST_SWITCH.exit()
+
     def _step_slow(self, s: int) -> None:
+        self._hurry = False
         b = self._bound
         if b is not None and b.groups is not self.optimizer.param_groups:
             # optimizer.load_state_dict() replaced the param group dicts (or a window was
@@ -439,9 +559,12 @@ class RemoteScheduler(LRScheduler):
                 return False  # the run changed meanwhile: the prefetched values are stale
             self._bound = a
             self._bound_since = time.monotonic()
-        # The refresher fetches the window after this one (at once when the loop is fast).
-        self._wake.set()
-        self._yield = True
+        self._hurry = False
+        if a.refill_at == 0:
+            # A fast loop: the refresher fetches the window after this one at once.
+            self._want_ahead = a
+            self._wake_for_fetch()
+            self._mark_late(a, 0)
         return True
 
     def _hold(self, s: int) -> None:
@@ -811,6 +934,7 @@ class RemoteScheduler(LRScheduler):
         assert self._client is not None
         client = self._client
         n = self._window_size if size is None else min(size, MAX_WINDOW)
+        t0 = time.monotonic()
         try:
             meta, w = client._get_lr_window_arrays(self.run_id, start, n, etag)
         except APIError as exc:
@@ -822,6 +946,8 @@ class RemoteScheduler(LRScheduler):
             self._window_size = min(self._window_size, max(2, fits))
             meta, w = client._get_lr_window_arrays(self.run_id, start, self._window_size, etag)
         self._validated_at = time.monotonic()
+        if not meta.not_modified:
+            self._fetch_took = self._validated_at - t0
         if meta.not_modified or w is None:
             raise _NotModified
         return Window(w.start, w.count, w.version, meta.etag, array=w.array, series=tuple(w.series))
@@ -865,8 +991,11 @@ class RemoteScheduler(LRScheduler):
                 delay = self._poll_interval
                 continue
             finally:
-                self._yield = False
-                self._heartbeat_if_due()
+                self._hurry = False
+                self._fetch_done(unless_woken=not self._stop.is_set())
+                if not self._wake.is_set():
+                    # Not while the loop waits on the next fetch: the heartbeat goes after it.
+                    self._heartbeat_if_due(defer=self._fast)
             delay = self._poll_interval if not self._offline else 0.05
 
     def _refresh_once(self) -> None:
@@ -879,7 +1008,8 @@ class RemoteScheduler(LRScheduler):
         )
         b = None if self._collective else self._bound
         if b is not None and not b.window.held and b.start <= cur < b.start + b.count:
-            if cur >= b.start + b.refill_at and self._fetch_ahead(b, cur):
+            wanted = self._want_ahead is b or cur >= b.start + b.half
+            if wanted and self._fetch_ahead(b, cur):
                 return
             if self._ahead is not None:
                 # The next window is in hand: revalidate the current one (a 304 while
@@ -908,29 +1038,39 @@ class RemoteScheduler(LRScheduler):
         a = self._ahead
         if a is not None and a.window.start == b.window.end:
             return False
-        t0 = time.monotonic()
         self._ahead_ready.clear()
-        self._yield = True
-        # A fast loop gets longer windows ahead (up to 8x): the same time's worth of
-        # values per fetch as a slower loop gets, so the lease reaches no further in time.
-        size = self._window_size * (8 if self._fast else 1)
+        size = self._window_size
+        if self._fast:
+            # A fast loop gets longer windows ahead, each twice the last, up to 4x and
+            # FETCH_VALUES values: a fetch's fixed cost is spread over more steps, while the
+            # lease reaches no further in time than a slower loop's does. At many groups
+            # the values bound keeps it at ``window`` (a bigger fetch would only take
+            # longer than the loop takes to use it).
+            cols = max(1, len(b.window.series))
+            grow = min(4 * size, 2 * b.count, FETCH_VALUES // cols)
+            size = max(size, grow)
         try:
             new = self._fetch(b.window.end, size=size)
         except BaseException:
-            self._yield = False
             self._ahead_ready.set()
             raise
-        took = time.monotonic() - t0
+        took = self._fetch_took
         if _changed(new, b.window):
             # A newer version (or a re-created run): the bound window is stale too.
             self._install(self._fetch(self._step), force=True)
             self._back_online()
             return True
         # A loop that would reach the boundary within a few fetch times gets the next
-        # window asked for at its first step (a whole window of time), else half way.
-        elapsed = max(time.monotonic() - self._bound_since, 1e-9)
-        done = max(cur - b.start, 1)
-        left = (b.window.end - cur) * elapsed / done
+        # window asked for at its first step (a whole window of time), else timed again.
+        # The pace is the probe's when it timed this window (the first window's arrival
+        # long precedes the loop's first step), else the steps since the window was bound.
+        pace = self._pace
+        if pace is None or pace[0] != b.start:
+            elapsed = max(time.monotonic() - self._bound_since, 1e-9)
+            per_step = elapsed / max(cur - b.start, 1)
+        else:
+            per_step = pace[1]
+        left = (b.window.end - cur) * per_step
         self._fast = left < 4 * took
         try:
             with self._io_lock:
@@ -939,8 +1079,8 @@ class RemoteScheduler(LRScheduler):
                     self._ahead = bind(
                         new, self._group_names(), self.optimizer.param_groups, refill=refill
                     )
+                self._hurry = False
         finally:
-            self._yield = False
             self._ahead_ready.set()
         self._back_online()
         return True
@@ -951,7 +1091,7 @@ class RemoteScheduler(LRScheduler):
         read = getattr(getattr(timeout, "timeout", None), "read", None)
         return float(read) if isinstance(read, (int, float)) else 30.0
 
-    def _heartbeat_if_due(self) -> None:
+    def _heartbeat_if_due(self, defer: bool = False) -> None:
         """Rank 0, from this background thread: tell the service the job is alive (the run
         shows ``running``) at most every ``HEARTBEAT_INTERVAL`` s. Best effort: a failure is
         logged at debug level and forgotten; skipped while the service is unreachable (the
@@ -961,6 +1101,15 @@ class RemoteScheduler(LRScheduler):
             return
         if now - self._last_heartbeat < HEARTBEAT_INTERVAL:
             return
+        if defer:
+            # A fast loop (``defer``): its refresher goes from fetch to fetch, and a heartbeat
+            # in between would hold up the next one; it is put off, once, by at most
+            # HEARTBEAT_INTERVAL/10 (the run still shows ``running``).
+            if self._heartbeat_due is None:
+                self._heartbeat_due = now
+            if now - self._heartbeat_due < HEARTBEAT_INTERVAL / 10:
+                return
+        self._heartbeat_due = None
         self._last_heartbeat = now
         try:
             self._client.heartbeat(self.run_id, step=max(0, self._step))
@@ -1107,6 +1256,7 @@ class RemoteScheduler(LRScheduler):
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._fetch_done()
         if self._talks and self._outbox:
             with contextlib.suppress(Exception):
                 self._flush_outbox()

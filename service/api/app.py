@@ -88,6 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # /docs and /redoc come from routers/docs.py: with vendored assets, not a CDN's.
         docs_url=None,
         redoc_url=None,
+        # FastAPI's native OpenTelemetry: lrserve has its own metrics and access log, and the
+        # check whether a provider is configured cost about 10 us on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.store_holder = store_holder
@@ -107,19 +110,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The hot paths (endpoints marked @hot), matched before everything else (see HotRoute),
     # guarded by the same auth function as the documented routes' dependency.
     guard = authorize if settings.auth_enabled else None
-    app.router.routes[:0] = [
+    hot_routes = [
         HotRoute(route.path, route.endpoint, method, guard)
         for router in v1_routers  # (the app holds included routers lazily: read their own)
         for route in router.routes
         if isinstance(route, APIRoute) and is_hot(route.endpoint)
         for method in sorted(route.methods or ())
     ]
+    app.router.routes[:0] = hot_routes
 
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     app.add_middleware(
         RequestMiddleware,
         max_body_bytes=settings.max_body_bytes,
         max_json_depth=settings.max_json_depth,
+        # (RequestMiddleware calls them itself, past the layers they do not use.)
+        hot_routes=hot_routes,
     )
     return app
 

@@ -3,42 +3,54 @@
 A window in JSON repeats what groups share: at 256 layer-wise groups of one schedule shape a
 4,096-step window is 27 MB of decimal text that a trainer parses value by value. This
 encoding sends little-endian float64 columns after a small JSON header, and a column that is
-another column times a constant (layer-wise decay: one shape, a base rate per group) as that
-constant plus the difference, in units in the last place, between the product and the
-column's own bits: small integers (int8 or int16), zlib-compressed. It is lossless: every
-encoded column is decoded here at encode time and compared bit for bit, and a column whose
-difference does not fit (or does not round-trip) is sent raw. Identical columns are sent once.
+another column times a constant (layer-wise decay: one shape, a base rate per group), or a
+constant plus that (a floor, ``eta_min``), as the constant(s) plus the difference, in units
+in the last place, between the prediction and the column's own bits: a per-column base and
+small unsigned integers bit-packed at 0, 2, 4, 8 or 16 bits each (torch computes each
+group's rate recursively, so rounding differs per group by a few ulps: 2 bits is the
+common case). It is lossless: the differences are exact integers (the column's bits less the
+prediction's, which a client recomputes bit for bit: IEEE multiply and add of the same
+float64s, scales round-tripping exactly through JSON), every packed block is unpacked here
+at encode time and compared with them, and a column whose difference does not fit in 16
+bits (or does not round-trip) is sent raw. Identical columns are sent once.
+
+The encoder works on all columns at once (one ``series x count`` array, a few numpy passes
+per candidate shape), so its cost grows with the values, not with a Python loop per column.
 
 Layout::
 
-    b"LRW1" | uint32 LE header length | header (UTF-8 JSON) | zero padding to 8 bytes | payload
+    b"LRW2" | uint32 LE header length | header (UTF-8 JSON) | zero padding to 8 bytes | payload
 
-The header: ``run``, ``start``, ``count``, ``version``, ``residuals`` (``offset``,
-``nbytes`` of the zlib stream in the payload) and ``series``: one entry per (group, field),
-in the JSON answer's order, each ``{"group", "field", "kind", ...}`` with ``kind``
-``"raw"`` (``offset``: ``count`` float64 at that payload offset), ``"same"`` (``of``: the
-index of an earlier series with identical bits) or ``"scaled"`` (``of``: a raw series,
-``scale``; ``residual``: ``"i0"`` for none, or ``"i1"``/``"i2"`` with ``roffset``, the
-offset in the decompressed residual stream of ``count`` int8/int16). A scaled column is
-``((raw * scale).view(int64) + residual).view(float64)``.
+The header: ``run``, ``start``, ``count``, ``version``, ``series`` (``[group, field]`` per
+column, in the JSON answer's order) and ``blocks``, decoded in order, each naming the
+columns it fills (``series``: indices):
+
+- ``{"kind": "raw", "offset"}``: ``len(series) x count`` float64 at that payload offset;
+- ``{"kind": "same", "of"}``: column ``series[i]`` is bitwise column ``of[i]`` (earlier);
+- ``{"kind": "scaled" | "affine", "of", "scale", ["offset",] "base", "width", "roffset"}``:
+  column ``series[i]`` is ``((col[of] * scale[i] [+ offset[i]]).view(int64) + base[i] +
+  u[i]).view(float64)``, ``u`` being ``count`` unsigned ``width``-bit integers (width 0: none;
+  2 and 4 packed low bits first, ``ceil(count * width / 8)`` bytes per column; 8 and 16
+  little-endian), one column after another from payload ``roffset``.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-import zlib
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 MEDIA_TYPE = "application/vnd.lrserve.window"
-MAGIC = b"LRW1"
-# Raw columns a new column is tried against as a shape (the most recent ones): bounded, so a
-# window of unrelated columns costs at most this many trials per column.
+MAGIC = b"LRW2"
+# Shapes tried (each a pass over the columns not yet encoded), then the rest is sent raw:
+# bounded, so a window of unrelated columns costs at most this many passes.
 _MAX_SHAPES = 4
-_RESIDUAL_TYPES = ((np.int8, "i1"), (np.int16, "i2"))
+_WIDTHS = (0, 2, 4, 8, 16)
+# Columns sampled per fingerprint when looking for identical columns.
+_FINGERPRINT = 64
 
 
 def wants_binary(accept: str | None) -> bool:
@@ -71,96 +83,238 @@ def wants_binary(accept: str | None) -> bool:
     return ours > 0 and ours >= json_q
 
 
-def _as_bits(a: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
-    return np.ascontiguousarray(a, dtype="<f8").view("<i8")
+def _lanes(width: int) -> npt.NDArray[Any]:
+    """Byte -> its ``8 // width`` packed values (low bits first), as one wider integer."""
+    per = 8 // width
+    byte = np.arange(256, dtype=np.uint8)[:, None]
+    lanes = (byte >> np.arange(0, 8, width, dtype=np.uint8)) & np.uint8((1 << width) - 1)
+    return np.ascontiguousarray(lanes, dtype=np.uint8).view(f"<u{per}")[:, 0].copy()
 
 
-def _scaled(
-    col: npt.NDArray[np.float64], shape: npt.NDArray[np.float64]
-) -> tuple[float, str, npt.NDArray[Any] | None] | None:
-    """``(scale, residual type, residual)`` reproducing ``col`` bitwise from ``shape``."""
-    mag = np.abs(shape)
-    i = int(np.argmax(mag))
-    if not np.isfinite(mag[i]) or mag[i] == 0.0:
-        return None
+_UNPACK = {2: _lanes(2), 4: _lanes(4)}
+
+
+def pack_residuals(u: npt.NDArray[Any], width: int) -> bytes:
+    """``rows x count`` unsigned integers below ``2**width`` as the payload stores them."""
+    if width == 0:
+        return b""
+    if width >= 8:
+        return np.ascontiguousarray(u, dtype=f"<u{width // 8}").tobytes()
+    rows, count = u.shape
+    per = 8 // width
+    if count % per:
+        padded = np.zeros((rows, count + per - count % per), dtype=np.uint8)
+        padded[:, :count] = u
+        u = padded
+    # ``per`` bytes, each below 2**width, as one little-endian integer: shifting copies of
+    # it down by multiples of (8 - width) lines the values up in the low byte.
+    word = np.ascontiguousarray(u, dtype=np.uint8).view(f"<u{per}")
+    out = word.copy()
+    for lane in range(1, per):
+        out |= word >> np.uint8(lane * (8 - width))
+    return out.astype(np.uint8).tobytes()
+
+
+def unpack_residuals(
+    buf: bytes | memoryview, offset: int, rows: int, count: int, width: int
+) -> npt.NDArray[Any]:
+    """The inverse of :func:`pack_residuals` (``rows x count``, uint8 or uint16)."""
+    if width >= 8:
+        dtype = f"<u{width // 8}"
+        return np.frombuffer(buf, dtype, rows * count, offset).reshape(rows, count)
+    per = 8 // width
+    per_row = -(-count // per)
+    packed = np.frombuffer(buf, np.uint8, rows * per_row, offset).reshape(rows, per_row)
+    return _UNPACK[width][packed].view(np.uint8)[:, :count]
+
+
+def _rows(a: npt.NDArray[Any], idx: npt.NDArray[np.intp]) -> npt.NDArray[Any]:
+    """``a[idx]``, a view when ``idx`` is a run of consecutive rows."""
+    if idx.size and idx[-1] - idx[0] + 1 == idx.size:
+        return a[int(idx[0]) : int(idx[-1]) + 1]
+    return a[idx]
+
+
+def _width(span: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """The residual width each column needs (``-1``: does not fit in 16 bits)."""
+    width = np.full(span.shape, -1, dtype=np.int64)
+    for w in reversed(_WIDTHS):
+        width[span < (1 << w)] = w
+    return width
+
+
+def _fit(
+    shape: npt.NDArray[np.float64],
+    cols: npt.NDArray[np.float64],
+    scale: npt.NDArray[np.float64],
+    offset: npt.NDArray[np.float64] | None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``(diff, base, width)`` of ``cols`` against ``shape * scale [+ offset]``, in ulps.
+
+    ``diff - base`` is in ``[0, 2**width)`` where ``width >= 0`` (``-1``: no fit).
+    """
     with np.errstate(all="ignore"):
-        scale = float(col[i] / shape[i])
-        if not np.isfinite(scale) or scale == 0.0:
-            return None
-        predicted = _as_bits(shape * scale)
-        diff = _as_bits(col) - predicted  # wraps on overflow; then it does not fit below
-    lo, hi = int(diff.min()), int(diff.max())
-    if lo == 0 and hi == 0:
-        return scale, "i0", None
-    for dtype, name in _RESIDUAL_TYPES:
-        info = np.iinfo(dtype)
-        if info.min <= lo and hi <= info.max:
-            residual = diff.astype(dtype)
-            # Decode as a client would, and compare bits: lossless or not used.
-            back = predicted + residual.astype(np.int64)
-            if np.array_equal(back, _as_bits(col)):
-                return scale, name, residual
-            return None
-    return None
+        pred = np.multiply(scale[:, None], shape[None, :])
+        if offset is not None:
+            np.add(pred, offset[:, None], out=pred)
+    diff = pred.view(np.int64)
+    # Wraps on overflow, as the decoder's addition does: lossless either way.
+    np.subtract(cols.view(np.int64), diff, out=diff)
+    lo = diff.min(axis=1)
+    span = diff.max(axis=1).astype(np.uint64) - lo.astype(np.uint64)
+    width = _width(span)
+    width[~(np.isfinite(scale) & (True if offset is None else np.isfinite(offset)))] = -1
+    return diff, lo, width
+
+
+def _residuals(
+    diff: npt.NDArray[np.int64], base: npt.NDArray[np.int64], width: int
+) -> npt.NDArray[Any]:
+    """``diff - base``, known to be in ``[0, 2**width)``, as uint8 or uint16.
+
+    Cast first and subtract in the narrow type: modular, so exact for values that fit.
+    """
+    narrow = np.uint16 if width > 8 else np.uint8
+    u: npt.NDArray[Any] = diff.astype(narrow)
+    u -= base.astype(narrow)[:, None]
+    return u
 
 
 def encode_window(
     run_id: str, start: int, count: int, version: int, values: dict[str, dict[str, Any]]
 ) -> bytes:
     """The binary encoding of a window (``values``: group -> field -> float64 array)."""
-    series: list[dict[str, Any]] = []
-    payload: list[bytes] = []
-    offset = 0
-    residuals: list[bytes] = []
-    roffset = 0
-    by_crc: dict[int, list[tuple[int, npt.NDArray[np.int64]]]] = {}
-    shapes: list[tuple[int, npt.NDArray[np.float64]]] = []
+    names: list[list[str]] = []
+    arrays: list[Any] = []
     for group, fields in values.items():
         for field, raw in fields.items():
-            col = np.ascontiguousarray(raw, dtype="<f8")
-            bits = col.view("<i8")
-            entry: dict[str, Any] = {"group": group, "field": field}
-            crc = zlib.crc32(bits.tobytes())
-            same = next(
-                (j for j, b in by_crc.get(crc, ()) if np.array_equal(b, bits)),
-                None,
-            )
-            if same is not None:
-                entry.update(kind="same", of=same)
-                series.append(entry)
-                continue
-            index = len(series)
-            by_crc.setdefault(crc, []).append((index, bits))
-            for j, shape in reversed(shapes):
-                found = _scaled(col, shape)
-                if found is None:
-                    continue
-                scale, rtype, residual = found
-                entry.update(kind="scaled", of=j, scale=scale, residual=rtype)
-                if residual is not None:
-                    entry["roffset"] = roffset
-                    data = residual.astype(residual.dtype.newbyteorder("<")).tobytes()
-                    residuals.append(data)
-                    roffset += len(data)
-                break
-            else:
-                entry.update(kind="raw", offset=offset)
-                data = col.tobytes()
-                payload.append(data)
-                offset += len(data)
-                shapes.append((index, col))
-                del shapes[:-_MAX_SHAPES]
-            series.append(entry)
-    stream = zlib.compress(b"".join(residuals), 1) if residuals else b""
+            names.append([group, field])
+            arrays.append(raw)
+    n = len(names)
+    cols = np.empty((n, count), dtype="<f8")
+    for j, raw in enumerate(arrays):
+        cols[j] = raw
+    bits = cols.view("<i8")
+
+    same: dict[str, Any] | None = None
+    # Identical columns: equal fingerprints (a sample of each column), then compared whole.
+    unique = np.arange(n)
+    if n > 1:
+        sample = bits[:, :: max(1, count // _FINGERPRINT)]
+        first: dict[bytes, int] = {}
+        pairs = [(j, first.setdefault(sample[j].tobytes(), j)) for j in range(n)]
+        dup = np.array([j for j, k in pairs if k != j], dtype=np.intp)
+        if dup.size:
+            of = np.array([k for j, k in pairs if k != j], dtype=np.intp)
+            equal = (bits[dup] == bits[of]).all(axis=1)
+            dup, of = dup[equal], of[equal]
+            if dup.size:
+                same = {"kind": "same", "series": dup.tolist(), "of": of.tolist()}
+                keep = np.ones(n, dtype=bool)
+                keep[dup] = False
+                unique = unique[keep]
+
+    derived: list[tuple[dict[str, Any], bytes]] = []
+    raw_rows: list[int] = []
+    remaining = unique
+    for _ in range(_MAX_SHAPES):
+        if not remaining.size:
+            break
+        k = int(remaining[0])
+        raw_rows.append(k)
+        remaining = remaining[1:]
+        if not remaining.size:
+            break
+        remaining = _derive(cols, k, remaining, count, derived)
+    raw_rows.extend(remaining.tolist())
+
+    blocks: list[dict[str, Any]] = []
+    payload: list[bytes] = []
+    offset = 0
+    if raw_rows:
+        raw_idx = np.array(sorted(raw_rows), dtype=np.intp)
+        data = np.ascontiguousarray(_rows(cols, raw_idx)).tobytes()
+        blocks.append({"kind": "raw", "series": raw_idx.tolist(), "offset": 0})
+        payload.append(data)
+        offset = len(data)
+    for block, data in derived:
+        block["roffset"] = offset
+        pad = -len(data) % 8
+        payload.append(data + b"\0" * pad)
+        offset += len(data) + pad
+    blocks.extend(b for b, _ in derived)
+    if same is not None:  # last: their originals may be derived columns
+        blocks.append(same)
     header = {
         "run": run_id,
         "start": start,
         "count": count,
         "version": version,
-        "residuals": {"offset": offset, "nbytes": len(stream)},
-        "series": series,
+        "series": names,
+        "blocks": blocks,
     }
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     prefix = MAGIC + struct.pack("<I", len(head)) + head
     prefix += b"\0" * (-len(prefix) % 8)
-    return prefix + b"".join(payload) + stream
+    return prefix + b"".join(payload)
+
+
+def _derive(
+    cols: npt.NDArray[np.float64],
+    k: int,
+    rest: npt.NDArray[np.intp],
+    count: int,
+    out: list[tuple[dict[str, Any], bytes]],
+) -> npt.NDArray[np.intp]:
+    """Encode the columns ``rest`` that ``cols[k]`` predicts (blocks into ``out``); the rest."""
+    shape = cols[k]
+    mag = np.abs(shape)
+    i = int(np.argmax(mag))
+    if not np.isfinite(mag[i]) or mag[i] == 0.0:
+        return rest
+    todo = rest
+    for kind in ("scaled", "affine"):
+        if not todo.size:
+            break
+        x = _rows(cols, todo)
+        with np.errstate(all="ignore"):
+            if kind == "scaled":
+                scale = x[:, i] / shape[i]
+                offset = None
+            else:
+                hi, lo = int(np.argmax(shape)), int(np.argmin(shape))
+                if not shape[hi] > shape[lo]:  # constant, or not finite
+                    break
+                scale = (x[:, hi] - x[:, lo]) / (shape[hi] - shape[lo])
+                offset = x[:, hi] - scale * shape[hi]
+        diff, base, width = _fit(shape, x, scale, offset)
+        done = np.zeros(todo.size, dtype=bool)
+        for w in _WIDTHS:
+            sel = np.flatnonzero(width == w)
+            if not sel.size:
+                continue
+            whole = sel.size == todo.size
+            data = b""
+            if w:
+                u = _residuals(diff if whole else diff[sel], base[sel], w)
+                data = pack_residuals(u, w)
+                # Unpack as a client does and compare: the residuals or nothing. (The
+                # prediction itself the client recomputes bitwise: IEEE multiply and add
+                # of the same float64s, the scales round-tripping exactly through JSON.)
+                back = unpack_residuals(data, 0, sel.size, count, w)
+                if not np.array_equal(back, u):
+                    continue  # not lossless: left to another shape, or sent raw
+            block: dict[str, Any] = {
+                "kind": kind,
+                "series": todo[sel].tolist(),
+                "of": k,
+                "scale": scale[sel].tolist(),
+                "base": base[sel].tolist(),
+                "width": w,
+            }
+            if offset is not None:
+                block["offset"] = offset[sel].tolist()
+            done[sel] = True
+            out.append((block, data))
+        todo = todo[~done]
+    return todo

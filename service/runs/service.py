@@ -518,9 +518,9 @@ def report(
         if run.finished and step > (-1 if run.finished_step is None else run.finished_step):
             run.finished = False  # the job went on past the step it said it finished at
         if run.metric_names is not None and values:
-            known = json.loads(run.metric_names)
-            if not set(values).issubset(known):
-                run.metric_names = dumps(sorted(set(known).union(values)))
+            known = _metric_names(run.metric_names)
+            if not known.issuperset(values):
+                run.metric_names = dumps(sorted(known.union(values)))
         # The answer hands out the values of step + 1: they are leased like a window's.
         run.leased_until = max(run.leased_until, step + 2)
         if plan.completes_now:
@@ -559,6 +559,19 @@ def report(
             completed_now=plan.completes_now,
             state=state,
         )
+
+
+_NAMES: dict[str, frozenset[str]] = {}
+"""Stored ``metric_names`` texts parsed (a few per run: they change only with a new name)."""
+
+
+def _metric_names(text: str) -> frozenset[str]:
+    names = _NAMES.get(text)
+    if names is None:
+        if len(_NAMES) >= 4096:
+            _NAMES.clear()
+        names = _NAMES[text] = frozenset(json.loads(text))
+    return names
 
 
 def _reductions(state: Mapping[str, Any]) -> list[int]:
@@ -1222,15 +1235,7 @@ class Runs:
         state = source.state if run is source.run else None
         groups = source.next_groups if run is source.run else None
         if groups is None:
-            groups = at_step(
-                evaluate(
-                    compile_run(run.spec, run.amendments),
-                    json.loads(run.state) if state is None else state,
-                    [] if run.overrides == "[]" else json.loads(run.overrides),
-                    step + 1,
-                    1,
-                )
-            )
+            groups = self._groups_at(run, state, step + 1)
             if run is source.run:
                 source.next_groups = groups
         return ReportOutcome(
@@ -1247,6 +1252,28 @@ class Runs:
             completed_now=result.completed_now,
             stop=report_stop(run.spec, run.state if state is None else state, step),
         )
+
+    def _groups_at(
+        self, run: RunRecord, state: dict[str, Any] | None, step: int
+    ) -> dict[str, dict[str, float]]:
+        """Every group's values at ``step`` for ``run`` as stored (``state``: its state parsed,
+        if at hand): a report's answer. Read from the block :meth:`values_at` caches (keyed by
+        the values version, so valid for any state of that version), evaluating the block
+        when it is missing and cheap enough for the loop: a trainer's next report, like its
+        next GET, then finds its values there (one step alone costs about a whole block)."""
+        first = step - step % BLOCK
+        key = (run.id, run.created_at, run.values_version, first)
+        values = self.cache.get(key)
+        if values is None:
+            schedule = compile_run(run.spec, run.amendments)
+            parsed = json.loads(run.state) if state is None else state
+            overrides = _list(run.overrides)
+            n = min(BLOCK, MAX_STEP - first)
+            if step - first >= n or schedule.work(first, n) > min(INLINE_WORK, self.max_work):
+                return at_step(evaluate(schedule, parsed, overrides, step, 1))
+            values = evaluate(schedule, parsed, overrides, first, n)
+            self.cache.put(key, values)
+        return at_step(values, step - first)
 
     def _listening(self) -> bool:
         """Whether completions on other replicas wake this process's waits (PostgreSQL

@@ -7,6 +7,9 @@ torch's own, at many groups and with momentum.
 
 from __future__ import annotations
 
+import json
+import re
+import struct
 import warnings
 from typing import Any
 
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from lrserve import _calls
-from lrserve._codec import MEDIA_TYPE
+from lrserve._codec import MEDIA_TYPE, decode_window
 from lrserve.torch import RemoteScheduler
 
 from .torch_support import WARMUP_COSINE, torch_scheduler
@@ -150,3 +153,108 @@ def test_a_report_that_changes_no_values_keeps_the_window(live_server: Any) -> N
         # No window fetched while the values did not change; one after the reduction.
         assert fetched[:4] == [0, 0, 0, 0], fetched
         assert fetched[4] >= 1, fetched
+
+
+def _body(live_server: Any, run: str, spec: dict[str, Any], count: int) -> bytes:
+    with lrserve.Client(live_server.url) as client:
+        client.create_run(run, spec)
+    r = httpx.get(
+        f"{live_server.url}/v1/runs/{run}/lr",
+        params={"start": 3, "count": count, "lease": "false"},
+        headers={"Accept": MEDIA_TYPE},
+    )
+    assert r.headers["content-type"] == MEDIA_TYPE
+    return r.content
+
+
+def _rewrite(body: bytes, edit: Any) -> bytes:
+    """``body`` with its header edited by ``edit(header)``, the payload where it was."""
+    (n,) = struct.unpack_from("<I", body, 4)
+    base = 8 + n + (-(8 + n) % 8)
+    header = json.loads(body[8 : 8 + n])
+    edit(header)
+    head = json.dumps(header).encode()
+    prefix = body[:4] + struct.pack("<I", len(head)) + head
+    return prefix + b"\0" * (-len(prefix) % 8) + body[base:]
+
+
+def test_packed_residuals_decode_to_torchs_values(live_server: Any) -> None:
+    """A floor (eta_min) and layer-wise rates: columns sent as scale, offset and bit-packed
+    ulps; the decoded window is the values torch's own schedulers give, to 1e-12."""
+    schedule = {"type": "CosineAnnealingLR", "T_max": 300, "eta_min": 1e-4}
+    body = _body(live_server, "bin-packed", _spec(48, schedule, False), 397)
+    (n,) = struct.unpack_from("<I", body, 4)
+    blocks = json.loads(body[8 : 8 + n])["blocks"]
+    assert {b["kind"] for b in blocks} == {"raw", "affine"}, blocks
+    assert len(body) < 8 * 397 * 48 / 4
+    w = decode_window(body)
+    ref = _sgd(48, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = torch_scheduler(ref, schedule)
+        for _ in range(3):
+            oracle.step()
+        for i in range(397):
+            got = w.array[i]
+            want = [g["lr"] for g in ref.param_groups]
+            assert got.tolist() == pytest.approx(want, rel=1e-12), i
+            oracle.step()
+    # The same window again: bit for bit what the server sends as JSON.
+    r = httpx.get(
+        f"{live_server.url}/v1/runs/bin-packed/lr",
+        params={"start": 3, "count": 397, "lease": "false"},
+    )
+    groups = r.json()["groups"]
+    as_json = np.array([groups[f"g{i}"]["lr"] for i in range(48)], dtype=np.float64).T
+    assert np.array_equal(w.array.view(np.int64), as_json.view(np.int64))
+
+
+def test_corrupt_or_unknown_bodies_are_rejected(live_server: Any) -> None:
+    body = _body(live_server, "bin-corrupt", _spec(16, WARMUP_COSINE, True), 101)
+    assert decode_window(body).array.shape == (101, 32)
+
+    def kind(h: dict[str, Any]) -> None:
+        h["blocks"][-1]["kind"] = "zstd"
+
+    def width(h: dict[str, Any]) -> None:
+        next(b for b in h["blocks"] if "width" in b)["width"] = 3
+
+    def missing(h: dict[str, Any]) -> None:
+        h["blocks"].pop()
+
+    def forward(h: dict[str, Any]) -> None:
+        h["blocks"].reverse()  # derived and identical columns before their originals
+
+    def twice(h: dict[str, Any]) -> None:
+        h["blocks"].append(h["blocks"][0])
+
+    def no_blocks(h: dict[str, Any]) -> None:
+        del h["blocks"]
+
+    def negative(h: dict[str, Any]) -> None:
+        h["blocks"][0]["series"][-1] = -1  # the last column, by Python's reckoning
+
+    def negative_of(h: dict[str, Any]) -> None:
+        next(b for b in h["blocks"] if b["kind"] == "same")["of"][0] = -1
+
+    unsupported = "unsupported lrserve binary window format"
+    bad = {  # what -> (body, part of the message)
+        "older format": (b"LRW1" + body[4:], unsupported),
+        "newer format": (b"LRW3" + body[4:], unsupported),
+        "not a window": (b"PK\x03\x04" + body[4:], "bad magic"),
+        "empty": (b"", "bad magic"),
+        "truncated payload": (body[:-9], "smaller than requested"),
+        "truncated header": (body[:20], "Unterminated string"),
+        "unknown kind": (_rewrite(body, kind), "unknown series kind 'zstd'"),
+        "unknown width": (_rewrite(body, width), "unknown residual width 3"),
+        "column missing": (_rewrite(body, missing), "columns missing"),
+        "forward reference": (_rewrite(body, forward), "not decoded yet"),
+        "column twice": (_rewrite(body, twice), "already filled"),
+        "no blocks": (_rewrite(body, no_blocks), "malformed lrserve binary window"),
+        "negative index": (_rewrite(body, negative), "already filled"),
+        "negative original": (_rewrite(body, negative_of), "not decoded yet"),
+    }
+    for what, (data, message) in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            decode_window(data)
+            pytest.fail(what)

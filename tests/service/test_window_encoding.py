@@ -149,12 +149,24 @@ def test_windows_at_many_groups_in_both_encodings(server: ServerProcess) -> None
 # -- the encoder's paths, on arrays built to hit each -----------------------------------------
 
 
-def _kinds(body: bytes) -> list[str]:
+def _header(body: bytes) -> dict[str, Any]:
     import json
     import struct
 
     (n,) = struct.unpack_from("<I", body, 4)
-    return [s["kind"] for s in json.loads(body[8 : 8 + n])["series"]]
+    header: dict[str, Any] = json.loads(body[8 : 8 + n])
+    return header
+
+
+def _kinds(body: bytes) -> list[str]:
+    """Each column's kind (``scaled``/``affine`` with its residual width: ``scaled2``)."""
+    header = _header(body)
+    kinds = [""] * len(header["series"])
+    for block in header["blocks"]:
+        for j in block["series"]:
+            assert not kinds[j], j
+            kinds[j] = block["kind"] + str(block.get("width", ""))
+    return kinds
 
 
 def _roundtrip(values: dict[str, dict[str, np.ndarray]]) -> list[str]:
@@ -162,6 +174,7 @@ def _roundtrip(values: dict[str, dict[str, np.ndarray]]) -> list[str]:
     body = encode_window("r", 5, count, 3, values)
     w = decode_window(body)
     assert (w.start, w.count, w.version) == (5, count, 3)
+    assert w.series == [(g, f) for g, fs in values.items() for f in fs]
     for j, (g, f) in enumerate(w.series):
         assert np.array_equal(w.array[:, j].view(np.int64), values[g][f].view(np.int64)), (g, f)
     return _kinds(body)
@@ -173,12 +186,69 @@ def test_encoder_shape_scale_same_and_raw_paths() -> None:
     values = {
         "a": {"lr": 1e-3 * shape, "momentum": np.full(2000, 0.9)},
         "b": {"lr": 3.7e-4 * shape, "momentum": np.full(2000, 0.9)},
-        "c": {"lr": 1e-5 + 2e-3 * shape},  # not proportional: raw
+        "c": {"lr": 1e-5 + 2e-3 * shape},  # not proportional: a scale and an offset
         "d": {"lr": np.random.default_rng(0).random(2000)},  # nothing to share: raw
         "e": {"lr": 1e-3 * shape},  # identical to a's
     }
     kinds = _roundtrip(values)
-    assert kinds == ["raw", "raw", "scaled", "same", "raw", "raw", "same"]
+    # A constant column is the shape times 0 plus itself: affine, no residual. The others'
+    # rounding differs from the prediction by a few ulps (the widths: 0 to 8 bits).
+    plain = [k.rstrip("0123456789") for k in kinds]
+    assert plain == ["raw", "affine", "scaled", "same", "affine", "raw", "same"], kinds
+    assert kinds[1] == "affine0" and int(kinds[2][6:]) <= 2 and int(kinds[4][6:]) <= 8, kinds
+
+
+def _shifted(col: np.ndarray, ulps: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (col.view(np.int64) + ulps).view(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("count", [3, 333, 4096])  # 333: rows that end mid-byte
+def test_residual_widths_and_raw_when_they_do_not_fit(count: int) -> None:
+    rng = np.random.default_rng(count)
+    shape = 1.0 + np.linspace(0.0, 1.0, count)
+    scaled = 0.25 * shape
+    values = {"shape": {"lr": shape}}
+    # Residuals spanning exactly each width's range, from a negative base.
+    for name, span in (("w0", 0), ("w2", 3), ("w4", 15), ("w8", 255), ("w16", 65535)):
+        ulps = rng.integers(0, span + 1, count) - span // 2
+        # Both ends of the range; none at the peak, where the scale is taken.
+        ulps[0], ulps[1], ulps[-1] = -(span // 2), span - span // 2, 0
+        values[name] = {"lr": _shifted(scaled, ulps)}
+    # A bump wider than 16 bits hold, neither scale nor line: no longer the shape's, raw.
+    too_wide = np.zeros(count, dtype=np.int64)
+    too_wide[count // 2] = 70_000
+    values["wide"] = {"lr": _shifted(scaled, too_wide)}
+    kinds = _roundtrip(values)
+    assert kinds == ["raw", "scaled0", "scaled2", "scaled4", "scaled8", "scaled16", "raw"], kinds
+
+
+def test_torchs_own_layerwise_rates_pack_small() -> None:
+    """torch's own chainable CosineAnnealingLR (with and without a floor), 64 groups: every
+    column but the first derived from it (scale, or scale and offset), decoded bit for bit."""
+    import warnings
+
+    import torch
+
+    for eta_min, kind in ((0.0, "scaled"), (1e-5, "affine")):
+        params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(64)]
+        groups = [{"params": [p], "lr": 1e-2 * 0.93**i} for i, p in enumerate(params)]
+        opt = torch.optim.SGD(groups)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=700, eta_min=eta_min)
+        rows = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(1001):  # past T_max: the schedule climbs again
+                rows.append([g["lr"] for g in opt.param_groups])
+                sched.step()
+        table = np.array(rows, dtype=np.float64)
+        values = {f"g{i}": {"lr": np.ascontiguousarray(table[:, i])} for i in range(64)}
+        kinds = _roundtrip(values)
+        assert kinds[0] == "raw"
+        # The recursion's rounding differs per group (by up to ~100 ulps near lr 0).
+        assert all(k.startswith(kind) and k != f"{kind}0" for k in kinds[1:]), kinds
+        body = encode_window("r", 0, 1001, 1, values)
+        assert len(body) < 8 * 1001 * 64 / 3
 
 
 def test_encoder_lossless_for_awkward_values() -> None:
