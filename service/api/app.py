@@ -17,6 +17,7 @@ from service.api.auth import authorize, require_token
 from service.api.common import HotRoute, is_hot
 from service.api.deps import StoreHolder
 from service.api.middleware import RequestMiddleware
+from service.api.observability import watch_cache
 from service.api.problems import install_handlers
 from service.api.routers import (
     dashboard,
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings.from_env()
     # The compiled-schedule cache is the process's (pure functions of spec texts share it).
     COMPILED.resize(settings.compile_cache_bytes)
+    watch_cache("compiled", COMPILED)
     store_holder = StoreHolder(settings)
 
     @asynccontextmanager

@@ -8,6 +8,7 @@ import threading
 from anyio import to_thread
 from fastapi import Request
 
+from service.api.observability import watch_cache
 from service.config import Settings
 from service.runs.repository import Store, StoreBusy, StoreFault
 from service.runs.service import Runs
@@ -58,9 +59,11 @@ class StoreHolder:
                     candidate.close()
                     raise
                 self._candidate = None
+                cache = ValuesCache(self.settings.cache_bytes)
+                watch_cache("values", cache)
                 self.runs = Runs(
                     candidate,
-                    cache=ValuesCache(self.settings.cache_bytes),
+                    cache=cache,
                     max_wait_seconds=self.settings.max_wait_seconds,
                     wait_poll_seconds=self.settings.wait_poll_seconds,
                     max_curve_span=self.settings.max_curve_span,

@@ -8,9 +8,22 @@ import logging
 import os
 import sys
 import time
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.runs.values import BytesLRU
 
 REQUESTS = Counter(
     "lrserve_http_requests_total", "HTTP requests answered", ["method", "path", "status"]
@@ -34,6 +47,66 @@ ABANDONED_WAITS = Counter(
 )
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# -- caches -----------------------------------------------------------------------------------
+# Read at scrape time, not counted on the hot path: BytesLRU keeps its own counters.
+_CACHES: dict[str, weakref.ref[BytesLRU[Any]]] = {}
+
+
+def watch_cache(name: str, cache: BytesLRU[Any]) -> None:
+    """Export ``cache`` as ``lrserve_cache_*{cache="<name>"}`` (the latest cache of a name:
+    an app built again, as tests do, replaces its caches; a collected one is dropped)."""
+    _CACHES[name] = weakref.ref(cache)
+
+
+class _CacheCollector(Collector):
+    """Hits, misses, evictions, bytes held, budget and entries of each watched cache: what
+    sizing ``LRSERVE_CACHE_BYTES`` and ``LRSERVE_COMPILE_CACHE_BYTES`` needs (a hit ratio
+    that falls as runs are added says the budget holds fewer runs than are active)."""
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "hits": CounterMetricFamily(
+                "lrserve_cache_hits", "Cache lookups that found their entry", labels=["cache"]
+            ),
+            "misses": CounterMetricFamily(
+                "lrserve_cache_misses",
+                "Cache lookups that did not (the entry was then computed)",
+                labels=["cache"],
+            ),
+            "evictions": CounterMetricFamily(
+                "lrserve_cache_evictions",
+                "Entries evicted, least recently used first, to stay within the budget",
+                labels=["cache"],
+            ),
+            "size_bytes": GaugeMetricFamily(
+                "lrserve_cache_bytes", "Bytes the cache holds (its estimate)", labels=["cache"]
+            ),
+            "max_bytes": GaugeMetricFamily(
+                "lrserve_cache_max_bytes", "The cache's budget in bytes", labels=["cache"]
+            ),
+            "entries": GaugeMetricFamily(
+                "lrserve_cache_entries", "Entries the cache holds", labels=["cache"]
+            ),
+        }
+        for name, ref in sorted(_CACHES.items()):
+            cache = ref()
+            if cache is None:
+                continue
+            figures = {
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "evictions": cache.evictions,
+                "size_bytes": cache.size_bytes,
+                "max_bytes": cache.max_bytes,
+                "entries": len(cache),
+            }
+            for key, family in families.items():
+                family.add_metric([name], figures[key])
+        yield from families.values()
+
+
+REGISTRY.register(_CacheCollector())
 
 
 # labels() costs a lock and a few microseconds per call: keep the labelled children. Keys are

@@ -9,6 +9,7 @@ entry may take up to half the budget (a 1,024-group block is not rebuilt every t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -102,3 +103,47 @@ def test_settings_set_both_budgets(tmp_path: Path) -> None:
             holder.close()
     finally:
         COMPILED.resize(Settings().compile_cache_bytes)
+
+
+def _cache_samples(text: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("lrserve_cache_") and "cache" in sample.labels:
+                out[(sample.name, sample.labels["cache"])] = sample.value
+    return out
+
+
+def test_cache_figures_are_exported_for_sizing_the_budgets(server_factory: Any) -> None:
+    """``/metrics`` shows each cache's hits, misses, evictions, bytes, budget and entries,
+    as the caches themselves count them: what an operator sizes LRSERVE_CACHE_BYTES by."""
+    server = server_factory(env={"LRSERVE_CACHE_BYTES": str(1 * MiB)})
+    groups = [{"name": f"g{i}", "lr": 0.1} for i in range(32)]  # a 1,024-step block: 256 KiB
+    spec = {"groups": groups, "schedule": {"type": "StepLR", "step_size": 10, "gamma": 0.5}}
+    with server.client() as c:
+        for k in range(6):
+            assert c.put(f"/v1/runs/c{k}", json=spec).status_code == 201
+        before = _cache_samples(c.get("/metrics").text)
+        for k in range(6):  # six blocks of 256 KiB through a 1 MiB budget: evictions
+            assert c.get(f"/v1/runs/c{k}/lr", params={"step": 5}).status_code == 200
+        for _ in range(3):  # the last run's block is still there: hits
+            assert c.get("/v1/runs/c5/lr", params={"step": 6}).status_code == 200
+        after = _cache_samples(c.get("/metrics").text)
+    assert after[("lrserve_cache_max_bytes", "values")] == 1 * MiB
+    assert 0 < after[("lrserve_cache_bytes", "values")] <= 1 * MiB
+    gained = {
+        name: after[(name, "values")] - before.get((name, "values"), 0.0)
+        for name in ("lrserve_cache_hits_total", "lrserve_cache_misses_total")
+    }
+    assert gained["lrserve_cache_misses_total"] >= 6
+    assert gained["lrserve_cache_hits_total"] >= 3
+    assert after[("lrserve_cache_evictions_total", "values")] >= 2
+    assert 1 <= after[("lrserve_cache_entries", "values")] <= 4
+    # Six runs of one spec text share its compiled program (spec and run entries).
+    assert after[("lrserve_cache_entries", "compiled")] >= 2
+    assert after[("lrserve_cache_hits_total", "compiled")] > before.get(
+        ("lrserve_cache_hits_total", "compiled"), 0.0
+    )
+    assert ("lrserve_cache_max_bytes", "compiled") in after

@@ -27,6 +27,7 @@ from service.api.common import (
     path_run_id,
 )
 from service.api.deps import get_runs
+from service.api.observability import watch_cache
 from service.api.problems import validation_error
 from service.api.schemas import MAX_WINDOW, StepValuesOut, WindowOut, problems
 from service.api.window_codec import MEDIA_TYPE, encode_window, wants_binary
@@ -104,6 +105,7 @@ def _encoded_windows(request: Request) -> BytesLRU[bytes]:
     cache = getattr(state, "lr_encoded_windows", None)
     if cache is None:
         cache = state.lr_encoded_windows = BytesLRU[bytes](_ENCODED_MAX_BYTES, _ENCODED_MAX_ENTRY)
+        watch_cache("encoded_windows", cache)
     return cache
 
 
