@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, NamedTuple, TypeVar, cast
 
 import anyio
@@ -561,17 +561,11 @@ def report(
         )
 
 
-_NAMES: dict[str, frozenset[str]] = {}
-"""Stored ``metric_names`` texts parsed (a few per run: they change only with a new name)."""
-
-
+@lru_cache(maxsize=4096)
 def _metric_names(text: str) -> frozenset[str]:
-    names = _NAMES.get(text)
-    if names is None:
-        if len(_NAMES) >= 4096:
-            _NAMES.clear()
-        names = _NAMES[text] = frozenset(json.loads(text))
-    return names
+    """A stored ``metric_names`` text parsed (cached: a run's changes only with a new name,
+    and every report asks whether its names are known)."""
+    return frozenset(json.loads(text))
 
 
 def _reductions(state: Mapping[str, Any]) -> list[int]:
@@ -1202,6 +1196,10 @@ class Runs:
         True: the client went away, so nobody would read the answer.
         """
         args = (self.store, run_id, step, rank, values, self.max_work)
+        # A waiting report subscribes before it writes: a completion that lands while its
+        # write is on its way back (this process's, or another replica's NOTIFY) then wakes
+        # it, instead of passing unseen and leaving it to the next poll.
+        subscribed = self._subscribe(run_id) if wait > 0 else None
         if self._group.enabled:
             result = await self._group.write(report, *args)
         else:
@@ -1220,7 +1218,7 @@ class Runs:
         if not complete and wait > 0:
             origin = (run.created_at, run.branch)
             status = await self._wait_for_step(
-                run_id, step, min(wait, self.max_wait_seconds), abandoned, origin
+                run_id, step, min(wait, self.max_wait_seconds), abandoned, origin, subscribed
             )
             if status is not None:
                 run, complete, ranks, decision = status
@@ -1261,19 +1259,19 @@ class Runs:
         the values version, so valid for any state of that version), evaluating the block
         when it is missing and cheap enough for the loop: a trainer's next report, like its
         next GET, then finds its values there (one step alone costs about a whole block)."""
-        first = step - step % BLOCK
-        key = (run.id, run.created_at, run.values_version, first)
+        key, index = block_of(run.id, run.created_at, run.values_version, step)
         values = self.cache.get(key)
         if values is None:
+            first = key[3]
             schedule = compile_run(run.spec, run.amendments)
             parsed = json.loads(run.state) if state is None else state
             overrides = _list(run.overrides)
             n = min(BLOCK, MAX_STEP - first)
-            if step - first >= n or schedule.work(first, n) > min(INLINE_WORK, self.max_work):
+            if index >= n or schedule.work(first, n) > min(INLINE_WORK, self.max_work):
                 return at_step(evaluate(schedule, parsed, overrides, step, 1))
             values = evaluate(schedule, parsed, overrides, first, n)
             self.cache.put(key, values)
-        return at_step(values, step - first)
+        return at_step(values, index)
 
     def _listening(self) -> bool:
         """Whether completions on other replicas wake this process's waits (PostgreSQL
@@ -1296,6 +1294,13 @@ class Runs:
             self._completions[run_id] = (anyio.Event(), None)
             entry[0].set()
 
+    def _subscribe(self, run_id: str) -> anyio.Event:
+        """The event the run's next completion heard by this process sets."""
+        entry = self._completions.get(run_id)
+        if entry is None:
+            entry = self._completions[run_id] = (anyio.Event(), None)
+        return entry[0]
+
     async def _wait_for_step(
         self,
         run_id: str,
@@ -1303,6 +1308,7 @@ class Runs:
         timeout: float,
         abandoned: Callable[[], Awaitable[bool]] | None = None,
         origin: tuple[str, int] | None = None,
+        subscribed: anyio.Event | None = None,
     ) -> tuple[RunRecord, bool, int, dict[str, Any] | None] | None:
         """The step's status once it completes within ``timeout``, else ``None`` (also as soon
         as ``abandoned()`` says so: a wait nobody will read must not keep polling).
@@ -1314,7 +1320,8 @@ class Runs:
         ``SAFETY_POLL_SECONDS`` (``wait_poll_seconds`` on PostgreSQL without a listener);
         that is also how often ``abandoned`` is asked. ``origin``, the waiting report's run
         ``(created_at, branch)``: a completion of another incarnation of the run id, or of
-        a branch a rewind has left, is not an answer."""
+        a branch a rewind has left, is not an answer. ``subscribed``: the event taken before
+        the report was written (see :meth:`_subscribe`), waited on first."""
 
         def answer(done: ReportResult | None) -> bool:
             return (
@@ -1336,7 +1343,9 @@ class Runs:
                 # Completed by a report of this process (also while this report's write was
                 # on its way back from a thread): its result is the answer.
                 return done.run, True, done.reported_ranks, done.decision
-            event = entry[0]
+            # A completion heard from another replica while this report was being written
+            # has set the event taken before the write (and put a fresh one in its place).
+            event, subscribed = subscribed or entry[0], None
             with anyio.move_on_after(min(poll, max(0.0, deadline - time.monotonic()))):
                 await event.wait()
             if event.is_set():
@@ -1374,26 +1383,25 @@ class Runs:
     async def values_at(self, run_id: str, step: int, known: RunVersion) -> StepValues:
         """Every group's values at ``step``, for the run as of ``known`` (or newer: the run is
         read again on a cache miss, and the answer names the version it was computed for)."""
-        first = step - step % BLOCK
-        values = self.cache.get((run_id, known.created_at, known.version, first))
+        key, index = block_of(run_id, known.created_at, known.version, step)
+        values = self.cache.get(key)
         version = known.version
         if values is None:
             run = await self.get(run_id)
+            first = key[3]
             n = min(BLOCK, MAX_STEP - first)
             work = run.schedule.work(first, n)
             if work > self.max_work:
                 # The block would be over the budget: the one step, if it is within it.
                 check_work(run.schedule, step, 1, self.max_work, "one step")
                 one = await _evaluate(INLINE_WORK + 1, run.values, step, 1)
-                groups = {g: {f: float(a[0]) for f, a in fs.items()} for g, fs in one.items()}
-                return StepValues(run_id, step, run.values_version, groups)
+                return StepValues(run_id, step, run.values_version, at_step(one))
             check_work(run.schedule, first, n, self.max_work, "one step")
             values = await _evaluate(work, run.values, first, n)
             version = run.values_version
-            self.cache.put((run_id, run.created_at, version, first), values)
-        i = step - first
-        groups = {g: {f: float(a[i]) for f, a in fields.items()} for g, fields in values.items()}
-        return StepValues(run_id, step, version, groups)
+            key, index = block_of(run_id, run.created_at, version, step)
+            self.cache.put(key, values)
+        return StepValues(run_id, step, version, at_step(values, index))
 
     async def window(self, run_id: str, start: int, count: int, known: RunVersion) -> Window:
         """Every group's values for ``[start, start + count)`` (see :meth:`values_at`)."""
@@ -1535,6 +1543,18 @@ def _sampled_per_bucket(
 
 def _series(run: Run) -> int:
     return sum(len(fields) for fields in run.schedule.fields.values())
+
+
+def block_of(
+    run_id: str, created_at: str, values_version: int, step: int
+) -> tuple[tuple[str, str, int, int], int]:
+    """The values cache's key of the ``BLOCK``-step block holding ``step`` of a run's values
+    version, and the step's index in it. GET lr and a report's answer share these blocks (a
+    trainer's report then its GET cost one evaluation), so both build the key here: the
+    values version and ``created_at`` in it keep a reduction or a re-created run id from
+    reading another's block."""
+    first = step - step % BLOCK
+    return (run_id, created_at, values_version, first), step - first
 
 
 def _number(value: Any) -> float | None:

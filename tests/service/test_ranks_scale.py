@@ -12,6 +12,7 @@ Over real HTTP on SQLite and PostgreSQL:
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,10 @@ import httpx
 import pytest
 import torch
 
+from service.runs.model import RunSpec
+from service.runs.service import Runs
+from service.runs.service import report as report_to_store
+from service.store import open_store
 from tests.conftest import ServerProcess, postgres_database, start_server
 from tests.service.helpers import close, new_id, plateau_spec
 
@@ -178,6 +183,13 @@ def waiting(server: ServerProcess) -> float:
     return 0.0
 
 
+def recorded(server: ServerProcess, run_id: str, since: int, reports: int) -> bool:
+    """Whether ``reports`` new reports are stored (each bumps the run's version): the
+    ``lrserve_report_waits`` gauge counts a waiting report from before its write."""
+    with server.client() as c:
+        return bool(c.get(f"/v1/runs/{run_id}").json()["version"] >= since + reports)
+
+
 def until(predicate: Callable[[], bool], seconds: float) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -191,8 +203,11 @@ def test_waiting_ranks_are_answered_when_the_last_one_reports(server: ServerProc
     ranks = 24
     with server.client() as c:
         run_id = new_id()
-        assert c.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=ranks)).status_code == 201
+        created = c.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=ranks))
+        assert created.status_code == 201
         answers, threads = wait_all(server, run_id, range(ranks - 1), 0)
+        since = created.json()["version"]
+        assert until(lambda: recorded(server, run_id, since, ranks - 1), 30)
         assert until(lambda: waiting(server) >= ranks - 1, 30), waiting(server)
         last = report(c, run_id, 0, ranks - 1, 5.0)
         join(threads, answers, ranks - 1)
@@ -217,9 +232,11 @@ def test_a_completion_on_one_replica_answers_waits_on_another(tmp_path: Path) ->
             ranks = 8
             run_id = new_id()
             with b.client() as cb:
-                spec = plateau_spec(world_size=ranks)
-                assert cb.put(f"/v1/runs/{run_id}", json=spec).status_code == 201
+                created = cb.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=ranks))
+                assert created.status_code == 201
                 answers, threads = wait_all(a, run_id, range(ranks - 1), 0)
+                since = created.json()["version"]
+                assert until(lambda: recorded(b, run_id, since, ranks - 1), 30)
                 assert until(lambda: waiting(a) >= ranks - 1, 30)
                 started = time.monotonic()
                 last = report(cb, run_id, 0, ranks - 1, 2.0)
@@ -240,8 +257,10 @@ def test_a_run_created_again_does_not_answer_with_the_old_completion(
 ) -> None:
     with server.client() as c:
         run_id = new_id()
-        assert c.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=2)).status_code == 201
+        created = c.put(f"/v1/runs/{run_id}", json=plateau_spec(world_size=2))
+        assert created.status_code == 201
         answers, threads = wait_all(server, run_id, range(1), 0)
+        assert until(lambda: recorded(server, run_id, created.json()["version"], 1), 30)
         assert until(lambda: waiting(server) >= 1, 30)
         assert report(c, run_id, 0, 1, 1.0)["complete"]
         join(threads, answers, 1)
@@ -254,3 +273,35 @@ def test_a_run_created_again_does_not_answer_with_the_old_completion(
         )
         assert r.status_code == 200
         assert r.json()["complete"] is False and r.json()["reported_ranks"] == 1
+
+
+def test_a_completion_heard_while_a_waiting_report_is_written_ends_its_wait(
+    tmp_path: Path,
+) -> None:
+    """A completion another replica announces between a waiting report's write and the
+    start of its wait (the listener's callback, called here as the listener calls it) wakes
+    that wait: the report subscribed before writing. Polling every 60 s, a missed wake-up
+    would show as a timeout."""
+    store = open_store(f"sqlite:///{tmp_path / 'w.db'}")
+    store.migrate()
+    runs = Runs(store, wait_poll_seconds=60)
+    run_id = new_id()
+
+    async def scenario() -> tuple[Any, float]:
+        await runs.create(run_id, RunSpec.model_validate(plateau_spec(world_size=2)))
+        subscribed = runs._subscribe(run_id)
+        # The waiting report's write, then "another replica's" completing one (straight to
+        # the store, so this process's own wake-up plays no part), then its NOTIFY heard.
+        report_to_store(store, run_id, 0, 0, {"val_loss": 1.0})
+        report_to_store(store, run_id, 0, 1, {"val_loss": 2.0})
+        runs._heard(run_id, 0)
+        started = time.monotonic()
+        status = await runs._wait_for_step(run_id, 0, 5.0, subscribed=subscribed)
+        return status, time.monotonic() - started
+
+    try:
+        status, elapsed = asyncio.run(scenario())
+    finally:
+        store.close()
+    assert status is not None and status[1] is True and status[2] == 2, status
+    assert elapsed < 1.0, elapsed
