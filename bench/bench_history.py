@@ -23,6 +23,7 @@ worst cases and the ratio worst(with history) / median(alone). Aim: <= 20.
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing as mp
 import os
 import signal
@@ -75,6 +76,11 @@ def trainer(base: str, duration: float, start_at: float) -> list[float]:
     out: list[float] = []
     with httpx.Client(base_url=base, timeout=120) as c:
         c.get(f"/v1/runs/{RUN}/lr", params={"step": 0}).raise_for_status()
+        # What this process holds so far (httpx, multiprocessing: ~3·10^4 objects) is out of
+        # its collector's sight: a full collection of it took 15-20 ms here, the client's
+        # pause counted as the server's latency.
+        gc.collect()
+        gc.freeze()
         while time.time() < start_at:
             time.sleep(0.005)
         end = time.perf_counter() + duration

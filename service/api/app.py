@@ -36,6 +36,7 @@ from service.api.routers import (
 from service.config import Settings
 from service.runs.model import COMPILED
 from service.runs.repository import StoreFault
+from service.runs.states import STATES
 
 log = logging.getLogger("lrserve.app")
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The compiled-schedule cache is the process's (pure functions of spec texts share it).
     COMPILED.resize(settings.compile_cache_bytes)
     watch_cache("compiled", COMPILED)
+    watch_cache("states", STATES)
     store_holder = StoreHolder(settings)
 
     @asynccontextmanager

@@ -84,6 +84,7 @@ from service.runs.repository import (
     dumps,
     utcnow,
 )
+from service.runs.states import parse_state, remember_state
 from service.runs.timeline import Timeline
 from service.runs.values import ValuesCache
 from service.schedules import Program, ScheduleSpec
@@ -230,7 +231,7 @@ class Run:
             spec_text=record.spec,
             spec=compile_spec(record.spec).spec,
             schedule=compile_run(record.spec, record.amendments),
-            state=json.loads(record.state) if state is None else state,
+            state=parse_state(record.state) if state is None else state,
             overrides=_list(record.overrides),
             amendments=_list(record.amendments),
             rewinds=_list(record.rewinds),
@@ -480,7 +481,7 @@ def report(
             existing = [
                 (r.rank, r.values) for r in tx.reports_at(step) if r.rank != rank or not inserted
             ]
-        state = json.loads(run.state)
+        state = parse_state(run.state)
         plan: ReportPlan = plan_report(
             compiled,
             schedule,
@@ -530,6 +531,7 @@ def report(
                 run.values_version += 1
             state = plan.new_state
             run.state = dumps(state)
+            remember_state(run.state, state)
             run.completed_step = step
             tx.announce_completed(step)
             tx.add_event(
@@ -912,14 +914,21 @@ async def preview(
     return await heavy(sample, window, start, start + n, None)
 
 
+HEAVY_SWITCH_INTERVAL = 0.0002
+"""``sys.setswitchinterval`` once a :func:`heavy` thread has started (see ``_lower_priority``)."""
+
+
 def _lower_priority() -> None:
     # Linux gives each thread its own nice value (PRIO_PROCESS, 0 is the calling thread):
     # on a busy machine the event loop's thread is scheduled before an evaluation's.
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, 0, 10)
-    # Once evaluations compete with the event loop for the GIL, the loop waits at most 1 ms
-    # for it (Python's default, 5 ms, is paid again at every socket operation of a request).
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+    # Once evaluations compete with the event loop for the GIL, the loop waits at most
+    # 0.2 ms for it. The wait is paid again at every point a request releases the GIL (each
+    # socket operation, each SQLite call): at Python's default, 5 ms, a GET lr beside a history
+    # read took tens of ms; at 1 ms its p99 was 6-7 ms, at 0.2 ms 5 ms, with the history read
+    # no slower (bench/bench_history.py, docs/benchmarks.md).
+    sys.setswitchinterval(min(sys.getswitchinterval(), HEAVY_SWITCH_INTERVAL))
 
 
 _HEAVY_POOL = ThreadPoolExecutor(
@@ -1264,7 +1273,7 @@ class Runs:
         if values is None:
             first = key[3]
             schedule = compile_run(run.spec, run.amendments)
-            parsed = json.loads(run.state) if state is None else state
+            parsed = parse_state(run.state) if state is None else state
             overrides = _list(run.overrides)
             n = min(BLOCK, MAX_STEP - first)
             if index >= n or schedule.work(first, n) > min(INLINE_WORK, self.max_work):
@@ -1461,7 +1470,7 @@ class Runs:
         """``render(history)`` of :meth:`metric_history`, read and rendered in one of the
         :func:`heavy` threads. A page of 10^4 steps is tens of ms of Python (row tuples,
         points, the answer's JSON): done on the event loop it stalled every trainer's GET lr
-        for as long; in a lower-priority thread with a 1 ms switch interval, the loop takes
+        for as long; in a lower-priority thread with a 0.2 ms switch interval, the loop takes
         the GIL back within about a millisecond whenever it has a request."""
         return await heavy(_render_history, self, run_id, name, after_step, steps, render)
 

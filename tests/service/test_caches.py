@@ -147,3 +147,5 @@ def test_cache_figures_are_exported_for_sizing_the_budgets(server_factory: Any) 
         ("lrserve_cache_hits_total", "compiled"), 0.0
     )
     assert ("lrserve_cache_max_bytes", "compiled") in after
+    # The parsed-state cache (service/runs/states.py) is on the page with its budget.
+    assert after[("lrserve_cache_max_bytes", "states")] == 64 * 1024 * 1024
