@@ -421,20 +421,24 @@ class RemoteScheduler(LRScheduler):
             i = s - b.start
             if 0 <= i < b.count:
                 self._step = s
-                if b.python:
-                    # One row converted per step (a C loop); nothing per value at bind time.
-                    row = b.rows[i].tolist()
-                    for d, k, j in b.floats:
-                        d[k] = row[j]
-                    if b.tuples:
-                        for d, k, head, rest, j in b.tuples:
-                            d[k] = (*head, row[j], *rest)
-                    if b.fills:
-                        for t, j in b.fills:
-                            t.fill_(row[j])
-                if b.buckets:
-                    for targets, rows in b.buckets:
-                        torch._foreach_copy_(targets, rows[i].unbind(0))
+                if b.steady_due:
+                    # The window's first step here: its steady values too (see BoundWindow).
+                    b.apply(i)
+                else:
+                    if b.python:
+                        # One row of the changing values converted per step (a C loop).
+                        row = b.rows[i].tolist()
+                        for d, k, j in b.floats:
+                            d[k] = row[j]
+                        if b.tuples:
+                            for d, k, head, rest, j in b.tuples:
+                                d[k] = (*head, row[j], *rest)
+                        if b.fills:
+                            for t, j in b.fills:
+                                t.fill_(row[j])
+                    if b.buckets:
+                        for targets, rows in b.buckets:
+                            torch._foreach_copy_(targets, rows[i].unbind(0))
                 if i == b.refill_at:
                     self._at_refill(b, i)
                 elif self._hurry:

@@ -247,8 +247,9 @@ class RunTx(Protocol):
     now: str
     """The transaction's timestamp: events' ``at`` and the run's ``updated_at``."""
 
-    def reports_at(self, step: int) -> list[ReportRow]:
-        """Every rank's report for ``step``, ordered by rank."""
+    def rank_values_at(self, step: int) -> list[tuple[int, str]]:
+        """``(rank, values text)`` of every rank's report for ``step``, ordered by rank (only
+        those two columns: a completing report of a 1,024-rank step reads them all)."""
 
     def insert_report(self, report: ReportRow) -> None: ...
 

@@ -479,7 +479,7 @@ def report(
         existing: list[tuple[int, str]] = []
         if not inserted or counted >= world_size > 1:
             existing = [
-                (r.rank, r.values) for r in tx.reports_at(step) if r.rank != rank or not inserted
+                (r, text) for r, text in tx.rank_values_at(step) if r != rank or not inserted
             ]
         state = parse_state(run.state)
         plan: ReportPlan = plan_report(

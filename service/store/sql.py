@@ -190,15 +190,14 @@ class SqlTx:
         # One timestamp for everything the transaction writes (it commits as one).
         self.now = utcnow()
 
-    def reports_at(self, step: int) -> list[ReportRow]:
-        rows = self._conn.execute(
+    def rank_values_at(self, step: int) -> list[tuple[int, str]]:
+        rows: list[tuple[int, str]] = self._conn.execute(
             self._store.q(
-                'SELECT step, rank, "values", received_at, branch FROM reports '
-                "WHERE run_id = ? AND step = ? ORDER BY rank"
+                'SELECT rank, "values" FROM reports WHERE run_id = ? AND step = ? ORDER BY rank'
             ),
             (self.run.id, step),
         ).fetchall()
-        return [ReportRow(int(r[0]), int(r[1]), r[2], r[3], int(r[4])) for r in rows]
+        return rows
 
     def insert_report(self, report: ReportRow) -> None:
         self._conn.execute(
