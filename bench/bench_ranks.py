@@ -12,6 +12,9 @@ pre-encoded, so the client's own cost stays small next to the server's). In one 
    ``lrserve_report_waits`` gauge says when they all are), then the last rank reports. Time
    from sending the last report to the last waiting rank's complete answer; the same with one
    waiting rank (``world_size=2``) as the reference. Aim: <= 50 ms.
+3. **The completing report.** The same 1,024-rank step reported on one connection with nobody
+   waiting: the last report's own latency (it aggregates every rank's values) against the
+   median partial report's.
 
     .venv/bin/python bench/bench_ranks.py                # 3 reps
     .venv/bin/python bench/bench_ranks.py --reps 1 --steps 2
@@ -147,6 +150,28 @@ async def cpu_many_ranks(port: int, pid: int, tag: str, steps: int, ranks: int) 
     return cpu / (steps * ranks) * 1e6
 
 
+async def completing(port: int, tag: str, ranks: int) -> tuple[float, float]:
+    """(ms of the report that completes a ``ranks``-rank step, median ms of the partial
+    reports before it), one connection, nobody waiting: what the completing report itself
+    costs (it reads and aggregates every rank's values)."""
+    run_id = f"complete-{tag}-{ranks}"
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        assert c.put(f"/v1/runs/{run_id}", json=spec(ranks)).status_code == 201
+    conn = await Conn.open(port)
+    partial: list[float] = []
+    for r in range(ranks - 1):
+        t0 = time.perf_counter()
+        status, _ = await conn.call(post(run_id, 0, r, 1.0 + r % 5))
+        partial.append(time.perf_counter() - t0)
+        assert status == 200
+    t0 = time.perf_counter()
+    status, body = await conn.call(post(run_id, 0, ranks - 1, 1.0))
+    last = time.perf_counter() - t0
+    assert status == 200 and json.loads(body)["complete"], body[:200]
+    conn.close()
+    return last * 1e3, statistics.median(partial) * 1e3
+
+
 def waits(port: int) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=60).text
     for line in text.splitlines():
@@ -228,7 +253,7 @@ def main() -> None:
             time.sleep(0.05)
         dialect = database.split(":")[0]
         print(f"lrserve on {dialect}, 1 worker; {args.ranks} ranks x {args.steps} steps")
-        one, many, wait_one, wait_many = [], [], [], []
+        one, many, wait_one, wait_many, last, partial = [], [], [], [], [], []
         for rep in range(args.reps):
             tag = f"r{rep}"
             point = (args.port, proc.pid, tag, args.steps, args.ranks)
@@ -236,11 +261,15 @@ def main() -> None:
             many.append(asyncio.run(cpu_many_ranks(*point)))
             wait_one.append(asyncio.run(answered(args.port, tag, 2)))
             wait_many.append(asyncio.run(answered(args.port, tag, args.wait_ranks)))
+            done = asyncio.run(completing(args.port, tag, args.wait_ranks))
+            last.append(done[0])
+            partial.append(done[1])
             print(
                 f"rep {rep}: CPU/report 1 rank {one[-1]:.0f} us, {args.ranks} ranks "
                 f"{many[-1]:.0f} us ({many[-1] / one[-1]:.2f}x); all answered "
                 f"{wait_one[-1]:.1f} ms (1 waiting), {wait_many[-1]:.1f} ms "
-                f"({args.wait_ranks - 1} waiting)"
+                f"({args.wait_ranks - 1} waiting); completing report {last[-1]:.2f} ms "
+                f"(partial ones {partial[-1]:.2f} ms)"
             )
         ratio = statistics.median(m / o for m, o in zip(many, one, strict=True))
         ms = statistics.median(wait_many)
@@ -252,6 +281,12 @@ def main() -> None:
             f"{args.wait_ranks}-rank step answered to all waiting ranks {ms:.1f} ms after the "
             f"last report (median; {ms / statistics.median(wait_one):.1f}x one waiting rank's "
             f"{statistics.median(wait_one):.1f} ms; aim <= 50 ms: {'ok' if ms <= 50 else 'MISSED'})"
+        )
+        last_ms, partial_ms = statistics.median(last), statistics.median(partial)
+        print(
+            f"the report completing a {args.wait_ranks}-rank step (nobody waiting): "
+            f"{last_ms:.2f} ms, {last_ms / partial_ms:.1f}x a partial report's "
+            f"{partial_ms:.2f} ms (median of {args.reps})"
         )
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -217,7 +217,7 @@ class BoundWindow:
     def __post_init__(self) -> None:
         array = self.window.array
         if self.changing is not None:
-            array = np.ascontiguousarray(array[:, self.changing])
+            array = _columns_of(array, self.changing)
         object.__setattr__(self, "rows", array)
         object.__setattr__(self, "python", bool(self.floats or self.tuples or self.fills))
         object.__setattr__(self, "start", self.window.start)
@@ -336,11 +336,15 @@ def _split_steady(
 ) -> tuple[Steady | None, list[int] | None]:
     """The Python-side targets whose column is one value over the whole window, and the
     columns that change (``(None, None)`` when nothing is steady: a one-step window, or
-    every column moves). NaN never counts as steady (it is not equal to itself)."""
+    every column moves). NaN never counts as steady (its min and max are not equal)."""
     array = window.array
     if array.shape[0] < 2 or not (floats or tuples or fills):
         return None, None
-    constant = (array == array[0]).all(axis=0)
+    by_column = array.T  # the decoder's layout: each column contiguous
+    constant = np.empty(by_column.shape[0], dtype=bool)
+    for lo in range(0, by_column.shape[0], _CHUNK_COLUMNS):
+        part = by_column[lo : lo + _CHUNK_COLUMNS]
+        np.equal(part.min(axis=1), part.max(axis=1), out=constant[lo : lo + _CHUNK_COLUMNS])
     if not constant.any():
         return None, None
     steady = Steady(
@@ -352,6 +356,25 @@ def _split_steady(
         return None, None
     used = {f[2] for f in floats} | {t[4] for t in tuples} | {f[1] for f in fills}
     return steady, [j for j in sorted(used) if not constant[j]]
+
+
+_CHUNK_COLUMNS = 32
+"""Columns per numpy call when binding: this runs on the refresher's thread while the loop
+steps, and a call holds the GIL for its whole length (a 256-group window's columns in one
+call would stop the loop for milliseconds; 32 of them take about 0.1 ms)."""
+
+
+def _columns_of(array: npt.NDArray[np.float64], columns: list[int]) -> npt.NDArray[np.float64]:
+    """``array[:, columns]`` in the decoder's column-major layout, copied a few columns at
+    a time (see ``_CHUNK_COLUMNS``)."""
+    by_column = array.T
+    out = np.empty((len(columns), array.shape[0]), dtype=np.float64)
+    index = np.asarray(columns, dtype=np.intp)
+    for lo in range(0, len(columns), _CHUNK_COLUMNS):
+        np.take(
+            by_column, index[lo : lo + _CHUNK_COLUMNS], axis=0, out=out[lo : lo + _CHUNK_COLUMNS]
+        )
+    return out.T
 
 
 def memory_key(t: torch.Tensor) -> tuple[Any, ...]:
