@@ -202,9 +202,10 @@ class BoundWindow:
     """The window's columns that :attr:`rows` holds (``None``: all of them)."""
     rows: Any = field(init=False)
     """Step ``start + i``'s changing values: ``rows[i].tolist()``, in the order the ``j`` of
-    :attr:`floats`, :attr:`tuples` and :attr:`fills` index (the window's changing columns;
-    nothing is converted at bind time, which would hold the GIL for milliseconds on a big
-    window and cost more than the rows it saves converting, ~0.2 µs each)."""
+    :attr:`floats`, :attr:`tuples` and :attr:`fills` index. The window's array itself when
+    nothing is steady, else a copy of its changing columns (column-major, as the decoder lays
+    them out). Nothing is converted to Python floats at bind time: that would hold the GIL
+    for milliseconds on a big window and cost more than the rows it saves, ~0.2 µs each."""
     python: bool = field(init=False)
     """Whether a step writes anything from the row as Python floats (floats/tuples/fills)."""
     start: int = field(init=False)
