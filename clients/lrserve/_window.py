@@ -242,24 +242,28 @@ class BoundWindow:
         the steady ones included."""
         steady = self.steady
         if steady is not None:
-            row = self.window.array[i].tolist()
-            for d, k, j in steady.floats:
-                d[k] = row[j]
-            for d, k, head, rest, j in steady.tuples:
-                d[k] = (*head, row[j], *rest)
-            for t, j in steady.fills:
-                t.fill_(row[j])
+            _write(self.window.array[i].tolist(), steady.floats, steady.tuples, steady.fills)
             object.__setattr__(self, "steady_due", False)
         if self.python:
-            row = self.rows[i].tolist()
-            for d, k, j in self.floats:
-                d[k] = row[j]
-            for d, k, head, rest, j in self.tuples:
-                d[k] = (*head, row[j], *rest)
-            for t, j in self.fills:
-                t.fill_(row[j])
+            _write(self.rows[i].tolist(), self.floats, self.tuples, self.fills)
         for targets, rows in self.buckets:
             torch._foreach_copy_(targets, rows[i].unbind(0))
+
+
+def _write(
+    row: list[float],
+    floats: list[tuple[dict[str, Any], str, int]],
+    tuples: list[tuple[dict[str, Any], str, tuple[Any, ...], tuple[Any, ...], int]],
+    fills: list[tuple[torch.Tensor, int]],
+) -> None:
+    """Write one row's values into Python-side targets (``RemoteScheduler.step`` inlines the
+    same loops on its fast path, where a call per step would show)."""
+    for d, k, j in floats:
+        d[k] = row[j]
+    for d, k, head, rest, j in tuples:
+        d[k] = (*head, row[j], *rest)
+    for t, j in fills:
+        t.fill_(row[j])
 
 
 def bind(

@@ -10,6 +10,7 @@ every way the transport uses.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 
@@ -61,9 +62,9 @@ def _seqpacket_pair() -> tuple[socket.socket, socket.socket]:
     return server_side, client_side
 
 
-async def _records(request: bytes, expect: int, gap: float = 0.3) -> list[bytes]:
-    """The server's writes for ``request``: records read until ``expect`` arrived and none
-    came for ``gap`` seconds after."""
+@contextlib.asynccontextmanager
+async def _served() -> AsyncIterator[socket.socket]:
+    """The protocol serving ``APP`` on one end of a seqpacket pair; yields the client end."""
     loop = asyncio.get_running_loop()
     server_side, client_side = _seqpacket_pair()
     config = Config(APP, lifespan="off", access_log=False, log_level="warning")
@@ -73,8 +74,19 @@ async def _records(request: bytes, expect: int, gap: float = 0.3) -> list[bytes]
         lambda: GuardedHttpToolsProtocol(config=config, server_state=state, app_state={}),
         server_side,
     )
-    records: list[bytes] = []
     try:
+        yield client_side
+    finally:
+        transport.close()
+        client_side.close()
+
+
+async def _records(request: bytes, expect: int, gap: float = 0.3) -> list[bytes]:
+    """The server's writes for ``request``: records read until ``expect`` arrived and none
+    came for ``gap`` seconds after."""
+    loop = asyncio.get_running_loop()
+    records: list[bytes] = []
+    async with _served() as client_side:
         await loop.sock_sendall(client_side, request)
         while True:
             try:
@@ -86,9 +98,6 @@ async def _records(request: bytes, expect: int, gap: float = 0.3) -> list[bytes]
             if not record:
                 return records
             records.append(record)
-    finally:
-        transport.close()
-        client_side.close()
 
 
 def _run(request: bytes, expect: int) -> list[bytes]:
@@ -118,24 +127,12 @@ def test_a_body_after_100_continue_is_answered_after_the_interim_head() -> None:
 
     async def exchange() -> list[bytes]:
         loop = asyncio.get_running_loop()
-        server_side, client_side = _seqpacket_pair()
-        config = Config(APP, lifespan="off", access_log=False, log_level="warning")
-        config.load()
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: GuardedHttpToolsProtocol(
-                config=config, server_state=ServerState(), app_state={}
-            ),
-            server_side,
-        )
-        try:
+        async with _served() as client_side:
             await loop.sock_sendall(client_side, head)
             interim = await asyncio.wait_for(loop.sock_recv(client_side, 65536), 2)
             await loop.sock_sendall(client_side, body)
             answer = await asyncio.wait_for(loop.sock_recv(client_side, 65536), 2)
             return [interim, answer]
-        finally:
-            transport.close()
-            client_side.close()
 
     interim, answer = asyncio.run(exchange())
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"  # not held back for the answer
