@@ -1,14 +1,16 @@
 """A plateau run's report cost at many reductions vs at none (in process, SQLite).
 
 Two runs of one ``ReduceLROnPlateau`` spec (``--groups`` groups) in a fresh SQLite file: one
-whose stored state already holds ``--reductions`` reductions (written straight into its row,
-as 10^5 reducing reports would have left it: one every other step), one with none. Each gets
+whose stored state already holds ``--reductions`` reductions (stored as the service stores
+them, as 10^5 reducing reports would have left them: one every other step), one with none. Each gets
 ``--reports`` reports through :class:`service.runs.service.Runs` (the use case the HTTP layer
 calls: the transaction, the plateau transition, the stored state and the answer's values at
 ``step + 1``), one run after the other, with improving values (no reduction) and,
 with ``--reducing``, values that reduce at every report. Then ``GET lr`` of a window of 256
-steps just after the last report (a fresh version: evaluated, not cached). Prints ms per call
-and the ratio against the run without reductions, measured in the same run.
+steps just after the last report (a fresh version: evaluated, not cached), and one report
+with the process's caches emptied (the first report after a restart reads every reduction
+row). Prints ms per call and the ratio against the run without reductions, measured in the
+same run.
 
     .venv/bin/python bench/bench_plateau.py                      # 10^4 reductions
     .venv/bin/python bench/bench_plateau.py --reductions 100000 --reducing
@@ -31,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.runs.model import RunSpec  # noqa: E402
-from service.runs.repository import dumps  # noqa: E402
 from service.runs.service import Runs, create_run  # noqa: E402
+from service.runs.states import LOGS, STATES, save_in  # noqa: E402
 from service.store import open_store  # noqa: E402
 
 
@@ -80,7 +82,7 @@ async def _bench(args: argparse.Namespace, url: str) -> None:
         create_run(store, run_id, spec)
         with store.transaction(run_id) as tx:
             assert tx is not None
-            tx.run.state = dumps(_state(path, args.groups, n))
+            save_in(tx, _state(path, args.groups, n))
             tx.run.step = tx.run.completed_step = first - 1
             tx.save()
     times: dict[str, list[float]] = {"none": [], "many": []}
@@ -102,6 +104,14 @@ async def _bench(args: argparse.Namespace, url: str) -> None:
             t = time.perf_counter()
             await runs.window(run_id, first + args.reports, 256, known)
             windows[run_id].append(time.perf_counter() - t)
+    cold: dict[str, float] = {}
+    for run_id in ("none", "many"):
+        LOGS.clear()
+        STATES.clear()
+        step = first + args.reports
+        t = time.perf_counter()
+        await runs.report(run_id, step, 0, {"loss": 0.01})
+        cold[run_id] = time.perf_counter() - t
     store.close()
     kind = "reducing" if args.reducing else "non-reducing"
     ref = statistics.median(times["none"])
@@ -116,6 +126,9 @@ async def _bench(args: argparse.Namespace, url: str) -> None:
     print(f"{'GET lr window 256, 0 reductions':44} {wref * 1000:9.3f} {1.0:8.2f}")
     label = f"GET lr window 256, {args.reductions} reductions"
     print(f"{label:44} {wmany * 1000:9.3f} {wmany / wref:8.2f}")
+    label = f"POST, caches emptied, {args.reductions} reductions"
+    print(f"{'POST, caches emptied, 0 reductions':44} {cold['none'] * 1000:9.3f} {1.0:8.2f}")
+    print(f"{label:44} {cold['many'] * 1000:9.3f} {cold['many'] / cold['none']:8.2f}")
     print(f"ratio POST {args.reductions}/0 reductions: {many / ref:.2f}")
     _engine(args, spec, path, first)
 

@@ -36,7 +36,7 @@ from service.api.routers import (
 from service.config import Settings
 from service.runs.model import COMPILED
 from service.runs.repository import StoreFault
-from service.runs.states import STATES
+from service.runs.states import LOGS, STATES
 
 log = logging.getLogger("lrserve.app")
 
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     COMPILED.resize(settings.compile_cache_bytes)
     watch_cache("compiled", COMPILED)
     watch_cache("states", STATES)
+    watch_cache("reductions", LOGS)
     store_holder = StoreHolder(settings)
 
     @asynccontextmanager

@@ -124,6 +124,9 @@ class RunRecord:
     """The spec's metadata (JSON); ``None`` on a row from before v3 not yet derived."""
     metric_names: str | None = "[]"
     """Sorted JSON list of the metric names reported; ``None`` before v3 (read the reports)."""
+    loaded: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The whole program state once the run layer has read it (``state`` is its head: a
+    node's reductions are rows of their own, see ``service/runs/states.py``); not a column."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,20 @@ class RunTx(Protocol):
     def highest_report_step(self) -> int | None:
         """The highest step any rank reported on the run's timeline."""
 
+    def reductions(self, node: str, branch: int, start: int, stop: int) -> list[str]:
+        """The stored reductions ``[start, stop)`` of metric node ``node`` on ``branch``, as
+        JSON texts in order (fewer when some are missing)."""
+
+    def append_reductions(self, node: str, branch: int, start: int, rows: list[str]) -> None:
+        """Store ``rows`` as reductions ``start, start + 1, ...`` of ``node`` on ``branch``."""
+
+    def delete_reductions(self, node: str | None = None) -> None:
+        """Delete the stored reductions of ``node`` (``None``: of every node)."""
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the transaction has committed (never if it rolls back; in a
+        group, once the group has)."""
+
     def announce_completed(self, step: int) -> None:
         """Tell the other replicas, at commit, that ``step`` completed (their waiting
         reports wake: :meth:`Store.listen`); nothing where there is no such channel."""
@@ -348,6 +365,9 @@ class Store(Protocol):
         """Lock ``run_id`` for writing; yields ``None`` when the run does not exist."""
 
     def events(self, run_id: str, after: int, limit: int) -> list[EventRow]: ...
+
+    def reductions(self, run_id: str, node: str, branch: int, start: int, stop: int) -> list[str]:
+        """:meth:`RunTx.reductions`, read outside a transaction (committed rows only)."""
 
     def reports(self, run_id: str) -> list[ReportRow]:
         """Every report of the run ordered by (step, rank)."""

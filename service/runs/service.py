@@ -84,7 +84,7 @@ from service.runs.repository import (
     dumps,
     utcnow,
 )
-from service.runs.states import parse_state, remember_state
+from service.runs.states import full_state, load_in, read_state, save_in
 from service.runs.timeline import Timeline
 from service.runs.values import ValuesCache
 from service.schedules import Program, ScheduleSpec
@@ -231,7 +231,7 @@ class Run:
             spec_text=record.spec,
             spec=compile_spec(record.spec).spec,
             schedule=compile_run(record.spec, record.amendments),
-            state=parse_state(record.state) if state is None else state,
+            state=full_state(record) if state is None else state,
             overrides=_list(record.overrides),
             amendments=_list(record.amendments),
             rewinds=_list(record.rewinds),
@@ -437,7 +437,7 @@ def create_run(
             f"run {run_id!r} already exists with a different spec; delete it first or use "
             "another id"
         )
-    return stored, created
+    return (stored if created else read_state(store, stored)), created
 
 
 def report(
@@ -481,7 +481,7 @@ def report(
             existing = [
                 (r, text) for r, text in tx.rank_values_at(step) if r != rank or not inserted
             ]
-        state = parse_state(run.state)
+        state = load_in(tx)
         plan: ReportPlan = plan_report(
             compiled,
             schedule,
@@ -530,8 +530,7 @@ def report(
                 # The values changed from step + 1 on: cached windows are stale now.
                 run.values_version += 1
             state = plan.new_state
-            run.state = dumps(state)
-            remember_state(run.state, state)
+            save_in(tx, state)
             run.completed_step = step
             tx.announce_completed(step)
             tx.add_event(
@@ -581,11 +580,17 @@ def _reductions(state: Mapping[str, Any]) -> list[int]:
     ]
 
 
+def read_run(store: Store, run_id: str) -> RunRecord | None:
+    """The run as stored, its whole state read (``None`` when it does not exist)."""
+    record = store.get_run(run_id)
+    return None if record is None else read_state(store, record)
+
+
 def step_status(
     store: Store, run_id: str, step: int
 ) -> tuple[RunRecord, bool, int, dict[str, Any] | None]:
     """(run, complete, reported ranks, decision) of ``step`` as stored now."""
-    run = store.get_run(run_id)
+    run = read_run(store, run_id)
     if run is None:
         raise RunNotFound(run_id)
     compiled = compile_spec(run.spec)
@@ -615,6 +620,7 @@ def add_override(store: Store, run_id: str, change: OverrideChange) -> RunRecord
         run.values_version += 1
         tx.add_event("override", change.from_step, {**override, "version": run.version})
         tx.save()
+        load_in(tx)  # the answer shows the whole run
         return run
 
 
@@ -640,6 +646,7 @@ def remove_override(
             {"n": n, "from_step": int(ov["until_step"]), "version": run.version},
         )
         tx.save()
+        load_in(tx)
         return run, ov
 
 
@@ -655,12 +662,12 @@ def add_amendment(store: Store, run_id: str, change: AmendmentChange) -> tuple[R
         if tx is None:
             raise RunNotFound(run_id)
         run = tx.run
+        state = load_in(tx)
         amendments = json.loads(run.amendments)
         if any(stored_amendment_key(a) == key for a in amendments):
             return run, False
         check_not_too_late("an amendment", change.from_step, run.leased_until)
         compiled = compile_spec(run.spec)
-        state = json.loads(run.state)
         amendment = make_amendment(
             compiled.spec, compiled.program, amendments, state, change, tx.now
         )
@@ -671,7 +678,7 @@ def add_amendment(store: Store, run_id: str, change: AmendmentChange) -> tuple[R
         horizon = run_horizon(run.spec, run.amendments)
         check_spec_limits(amended.programs()[-1], horizon=horizon)
         # The new parts' metric-driven nodes start fresh.
-        run.state = dumps({**amended.initial_state(), **state})
+        save_in(tx, {**amended.initial_state(), **state})
         run.horizon = horizon
         run.version += 1
         run.values_version += 1
@@ -704,6 +711,7 @@ def rewind(store: Store, run_id: str, change: RewindChange) -> tuple[RunRecord, 
         if tx is None:
             raise RunNotFound(run_id)
         run = tx.run
+        load_in(tx)  # also what the answer shows when the key was used before
         rewinds = json.loads(run.rewinds)
         if change.key is not None:
             for done in rewinds:
@@ -731,10 +739,11 @@ def rewind(store: Store, run_id: str, change: RewindChange) -> tuple[RunRecord, 
             state, _ = schedule.observe(state, event.step, json.loads(event.data)["aggregate"])
             completed = event.step
         from_step = run.step
-        run.state = dumps(state)
         run.completed_step = completed
         run.step = tx.highest_report_step()
         run.branch = number
+        # The replayed reductions are rewritten as the new branch's rows.
+        save_in(tx, state, rewrite=True)
         # The resumed job takes values from to_step on; the abandoned branch's leases end.
         run.leased_until = change.to_step + 1
         # A job resumed from a checkpoint is not finished, whatever it said before.
@@ -792,7 +801,7 @@ def _heartbeat(store: Store, run_id: str, rank: int, step: int | None, finished:
     record = store.heartbeat(run_id, utcnow(), step, finished)
     if record is None:
         raise RunNotFound(run_id)
-    return record
+    return read_state(store, record)
 
 
 def delete_run(store: Store, run_id: str) -> None:
@@ -821,6 +830,8 @@ class _DryRunStore:
     @contextmanager
     def transaction(self, run_id: str) -> Iterator[RunTx | None]:
         with self._store.transaction(run_id) as tx:
+            if tx is not None:
+                load_in(tx)  # both records carry their state read inside the transaction
             before = None if tx is None else dataclasses.replace(tx.run)
             yield tx
             if tx is not None and before is not None:
@@ -1044,7 +1055,7 @@ class Runs:
         return self._of(record), created
 
     async def get(self, run_id: str) -> Run:
-        record = await self._read(self.store.get_run, run_id)
+        record = await self._read(read_run, self.store, run_id)
         if record is None:
             raise RunNotFound(run_id)
         return self._of(record)
@@ -1273,7 +1284,7 @@ class Runs:
         if values is None:
             first = key[3]
             schedule = compile_run(run.spec, run.amendments)
-            parsed = parse_state(run.state) if state is None else state
+            parsed = full_state(run) if state is None else state
             overrides = _list(run.overrides)
             n = min(BLOCK, MAX_STEP - first)
             if index >= n or schedule.work(first, n) > min(INLINE_WORK, self.max_work):

@@ -189,6 +189,33 @@ class SqlTx:
         self.run = run
         # One timestamp for everything the transaction writes (it commits as one).
         self.now = utcnow()
+        self.committed: list[Callable[[], None]] = []
+        """What :meth:`on_commit` was given: the store calls them after the commit."""
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        self.committed.append(callback)
+
+    def reductions(self, node: str, branch: int, start: int, stop: int) -> list[str]:
+        return self._store.reductions_on(self._conn, self.run.id, node, branch, start, stop)
+
+    def append_reductions(self, node: str, branch: int, start: int, rows: list[str]) -> None:
+        self._conn.cursor().executemany(
+            self._store.q(
+                "INSERT INTO reductions (run_id, node, seq, branch, data) VALUES (?, ?, ?, ?, ?)"
+            ),
+            [(self.run.id, node, start + i, branch, row) for i, row in enumerate(rows)],
+        )
+
+    def delete_reductions(self, node: str | None = None) -> None:
+        if node is None:
+            self._conn.execute(
+                self._store.q("DELETE FROM reductions WHERE run_id = ?"), (self.run.id,)
+            )
+        else:
+            self._conn.execute(
+                self._store.q("DELETE FROM reductions WHERE run_id = ? AND node = ?"),
+                (self.run.id, node),
+            )
 
     def rank_values_at(self, step: int) -> list[tuple[int, str]]:
         rows: list[tuple[int, str]] = self._conn.execute(
@@ -638,6 +665,7 @@ class SqlStore(ABC):
             conn.execute(self.q("DELETE FROM abandoned_reports WHERE run_id = ?"), (run_id,))
             conn.execute(self.q("DELETE FROM events WHERE run_id = ?"), (run_id,))
             conn.execute(self.q("DELETE FROM run_tags WHERE run_id = ?"), (run_id,))
+            conn.execute(self.q("DELETE FROM reductions WHERE run_id = ?"), (run_id,))
             cur = conn.execute(self.q("DELETE FROM runs WHERE id = ?"), (run_id,))
             return bool(cur.rowcount)
 
@@ -646,12 +674,17 @@ class SqlStore(ABC):
 
     @contextmanager
     def _transaction(self, run_id: str) -> Iterator[SqlTx | None]:
+        tx = None
         with self.errors(), self.write_conn() as conn:
             row = conn.execute(
                 self.q(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?{self.lock_suffix}"),
                 (run_id,),
             ).fetchone()
-            yield None if row is None else SqlTx(self, conn, record_of(row))
+            tx = None if row is None else SqlTx(self, conn, record_of(row))
+            yield tx
+        if tx is not None:  # committed
+            for callback in tx.committed:
+                callback()
 
     def events(self, run_id: str, after: int, limit: int) -> list[EventRow]:
         with self.errors(), self.read_conn() as conn:
@@ -688,6 +721,23 @@ class SqlStore(ABC):
             (run_id, type, step),
         ).fetchone()
         return None if row is None else event_of(row)
+
+    def reductions(self, run_id: str, node: str, branch: int, start: int, stop: int) -> list[str]:
+        with self.errors(), self.read_conn() as conn:
+            return self.reductions_on(conn, run_id, node, branch, start, stop)
+
+    def reductions_on(
+        self, conn: Any, run_id: str, node: str, branch: int, start: int, stop: int
+    ) -> list[str]:
+        """:meth:`reductions` on a given connection (a transaction's own)."""
+        rows = conn.execute(
+            self.q(
+                "SELECT data FROM reductions WHERE run_id = ? AND node = ? AND seq >= ? "
+                "AND seq < ? AND branch = ? ORDER BY seq"
+            ),
+            (run_id, node, start, stop, branch),
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def count_reports(self, run_id: str, step: int) -> int:
         with self.errors(), self.read_conn() as conn:

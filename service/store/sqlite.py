@@ -442,11 +442,12 @@ class _Transaction:
     """``SqliteStore.transaction``: the run locked (BEGIN IMMEDIATE) and read; commit on a
     clean exit, roll back otherwise; driver errors become the store's errors."""
 
-    __slots__ = ("_conn", "_grouped", "_nowait", "_run_id", "_store")
+    __slots__ = ("_conn", "_grouped", "_nowait", "_run_id", "_store", "_tx")
 
     def __init__(self, store: SqliteStore, run_id: str) -> None:
         self._store = store
         self._run_id = run_id
+        self._tx: SqlTx | None = None
 
     def __enter__(self) -> SqlTx | None:
         store = self._store
@@ -464,7 +465,8 @@ class _Transaction:
             if isinstance(exc, sqlite3.DatabaseError):
                 raise store._translate(exc) from exc
             raise
-        return None if row is None else SqlTx(store, conn, record_of(row))
+        self._tx = None if row is None else SqlTx(store, conn, record_of(row))
+        return self._tx
 
     def _enter_savepoint(self, conn: sqlite3.Connection) -> SqlTx | None:
         # Within a group (SqliteStore.group): the lock is the group's, and a savepoint makes
@@ -484,7 +486,8 @@ class _Transaction:
             if isinstance(exc, sqlite3.DatabaseError):
                 raise store._translate(exc) from exc
             raise
-        return None if row is None else SqlTx(store, conn, record_of(row))
+        self._tx = None if row is None else SqlTx(store, conn, record_of(row))
+        return self._tx
 
     def _rollback_savepoint(self) -> None:
         conn = self._conn
@@ -512,6 +515,9 @@ class _Transaction:
             if exc is None:
                 try:
                     self._conn.execute("RELEASE lrserve_write")
+                    if self._tx is not None and self._tx.committed:
+                        # Durable only at the group's COMMIT: the group calls them then.
+                        store._local.committed.extend(self._tx.committed)
                     return
                 except BaseException as release_exc:
                     self._rollback_savepoint()
@@ -533,6 +539,9 @@ class _Transaction:
             store._write_lock.release()
             if self._nowait:
                 store._after_inline_commit()
+            if self._tx is not None:
+                for callback in self._tx.committed:
+                    callback()
             return
         self._abort()
         if isinstance(exc, sqlite3.DatabaseError):
@@ -560,9 +569,11 @@ class _Group:
                 raise store._translate(exc) from exc
             raise
         store._local.group = conn
+        store._local.committed = []
 
     def _abort(self) -> None:
         self._store._local.group = None
+        self._store._local.committed = []
         try:
             conn = getattr(self, "_conn", None)
             if conn is not None and conn.in_transaction:
@@ -589,6 +600,9 @@ class _Group:
             store._write_lock.release()
             if self._nowait:
                 store._after_inline_commit(self._writes)
+            committed, store._local.committed = store._local.committed, []
+            for callback in committed:
+                callback()
             return
         self._abort()
         if isinstance(exc, sqlite3.DatabaseError):

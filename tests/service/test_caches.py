@@ -148,4 +148,6 @@ def test_cache_figures_are_exported_for_sizing_the_budgets(server_factory: Any) 
     )
     assert ("lrserve_cache_max_bytes", "compiled") in after
     # The parsed-state cache (service/runs/states.py) is on the page with its budget.
-    assert after[("lrserve_cache_max_bytes", "states")] == 64 * 1024 * 1024
+    assert after[("lrserve_cache_max_bytes", "states")] == 16 * 1024 * 1024
+    # So is the reduction lists' (plateau reductions stored as rows, read once per process).
+    assert after[("lrserve_cache_max_bytes", "reductions")] == 112 * 1024 * 1024

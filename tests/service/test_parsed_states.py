@@ -1,9 +1,11 @@
-"""A plateau run's large state is parsed once, not per report (service/runs/states.py).
+"""A large stored state is parsed once, not per read (service/runs/states.py).
 
-Hundreds of reductions through the real report transaction on a real SQLite file: after each
-report the parsed state a reader gets for the stored text is exactly what ``json.loads`` of
-that text gives (types included: the report primed the cache with the state it wrote), the
-reports after the first parse no state at all, and the values are still torch's.
+Since schema v5 a state's reductions are rows of their own and its text stays small; a state
+stored before that holds them inline. Hundreds of reductions through the real report
+transaction on a real SQLite file, then the row rewritten as an older version left it: the
+parsed state a reader gets for the text is exactly what ``json.loads`` gives (types included),
+a second reader parses nothing, the values are torch's, and the next report moves the
+reductions to rows.
 """
 
 from __future__ import annotations
@@ -60,45 +62,58 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b or (a != a and b != b))
 
 
-def test_a_large_state_is_parsed_once_and_stays_exact(tmp_path: Path) -> None:
+def test_a_state_stored_inline_is_parsed_once_and_moves_to_rows(tmp_path: Path) -> None:
+    """A state stored before schema v5 holds its reductions inline: it is read as it is (its
+    text parsed once, shared by every reader), and the next report moves them to rows."""
     store = open_store(f"sqlite:///{tmp_path / 's.db'}")
     store.migrate()
     runs = Runs(store)
     losses = [1.0 + i for i in range(REPORTS)]  # worse every step: a reduction every step
+    expected = torch_lrs(losses)
 
-    async def scenario() -> tuple[list[int], int]:
+    async def seed() -> None:
         await runs.create("big", RunSpec.model_validate(spec()))
-        misses: list[int] = []
-        checked = 0
         for step, loss in enumerate(losses):
             await runs.report("big", step, 0, {"loss": loss})
-            record = store.get_run("big")
-            assert record is not None
-            if len(record.state) >= CACHED_FROM_CHARS:
-                misses.append(STATES.misses)
-                assert same(parse_state(record.state), json.loads(record.state)), step
-                checked += 1
-        return misses, checked
 
-    try:
-        misses, checked = asyncio.run(scenario())
-        assert checked > 100, "the state never grew past the cached size: test too small"
-        # Every report after the state got large found the state it reads already parsed:
-        # the one before it had written it (and primed the cache with it).
-        assert misses[-1] == misses[0], (misses[0], misses[-1])
+    async def window() -> Any:
+        known = await runs.version("big")
+        return await runs.window("big", 0, REPORTS + 1, known)
 
-        async def window() -> Any:
-            known = await runs.version("big")
-            return await runs.window("big", 0, REPORTS + 1, known)
-
-        got = asyncio.run(window()).values
-        expected = torch_lrs(losses)
+    def check(values: Any) -> None:
         for i, name in enumerate(("g0", "g1")):
-            column = got[name]["lr"]
+            column = values[name]["lr"]
             for step in range(REPORTS + 1):
                 assert abs(column[step] - expected[step][i]) <= 1e-12 * expected[step][i], (
                     name,
                     step,
                 )
+
+    try:
+        asyncio.run(seed())
+        whole = asyncio.run(runs.get("big")).state
+        # The row as a version before v5 stored it: every reduction inline in the text.
+        with store.transaction("big") as tx:
+            assert tx is not None
+            tx.run.state = json.dumps(whole)
+            tx.delete_reductions()
+            tx.save()
+        inline = store.get_run("big")
+        assert inline is not None and len(inline.state) >= CACHED_FROM_CHARS
+        STATES.clear()
+        runs.cache.clear()
+        assert same(parse_state(inline.state), json.loads(inline.state))
+        misses = STATES.misses
+        check(asyncio.run(window()).values)
+        assert STATES.misses == misses, "the reader parsed the stored text again"
+        # The next report stores the state as v5 does: a small text and one row per reduction.
+        asyncio.run(runs.report("big", REPORTS, 0, {"loss": 0.5}))
+        moved = store.get_run("big")
+        assert moved is not None and len(moved.state) < 300, moved.state
+        path = next(iter(whole))
+        rows = store.reductions("big", path, 0, 0, 1 << 40)
+        assert [json.loads(r) for r in rows] == whole[path]["reductions"]
+        runs.cache.clear()
+        check(asyncio.run(window()).values)
     finally:
         store.close()

@@ -1,0 +1,225 @@
+"""A plateau node's reductions are rows of their own, not part of the run's state text.
+
+Real SQLite files and the real PostgreSQL server, through the run layer's use cases (the
+transactions the HTTP layer calls); torch's ``ReduceLROnPlateau`` is the oracle for every value.
+What is held: the stored state stays the same size however many reductions there are; a reader
+whose cached copy is short reads only the rows after it; a rewind rewrites the rows on its new
+branch; a rolled-back write leaves nothing in the process's cache; a run deleted and created
+again under its id is never read with the other run's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.runs.model import RewindChange, RunSpec
+from service.runs.repository import Store
+from service.runs.service import Runs, report
+from service.runs.states import LOGS, read_state
+from service.store import open_store
+from tests.conftest import postgres_database
+
+BASE = [0.1, 0.01]
+FACTOR = 0.9
+PATH = "schedule"  # the state key of the spec's one plateau node
+
+
+def spec() -> RunSpec:
+    return RunSpec.model_validate(
+        {
+            "groups": [{"name": "g0", "lr": BASE[0]}, {"name": "g1", "lr": BASE[1]}],
+            "schedule": {
+                "type": "ReduceLROnPlateau",
+                "metric": "loss",
+                "factor": FACTOR,
+                "patience": 0,
+                "eps": 0.0,
+            },
+        }
+    )
+
+
+def torch_lrs(losses: list[float]) -> list[list[float]]:
+    """torch's lr per group at steps ``0 .. len(losses)`` after ``losses[s]`` at step ``s``."""
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in BASE]
+    opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, BASE, strict=True)])
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=FACTOR, patience=0, eps=0.0)
+    out = [[g["lr"] for g in opt.param_groups]]
+    for loss in losses:
+        sched.step(loss)
+        out.append([g["lr"] for g in opt.param_groups])
+    return out
+
+
+def worse(n: int, start: int = 0) -> list[float]:
+    """Losses that get worse at every step: a reduction at every one after the first."""
+    return [1.0 + start + i for i in range(n)]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    LOGS.clear()
+    if request.param == "sqlite":
+        opened = open_store(f"sqlite:///{tmp_path / 'rows.db'}")
+        opened.migrate()
+        yield opened
+        opened.close()
+        return
+    with postgres_database() as url:
+        opened = open_store(url)
+        opened.migrate()
+        yield opened
+        opened.close()
+
+
+def report_all(runs: Runs, run_id: str, losses: list[float], first: int = 0) -> None:
+    async def go() -> None:
+        for i, loss in enumerate(losses):
+            await runs.report(run_id, first + i, 0, {"loss": loss})
+
+    asyncio.run(go())
+
+
+def served(runs: Runs, run_id: str, count: int) -> list[list[float]]:
+    """The run's values for steps ``0 .. count - 1`` as a trainer's window gets them."""
+
+    async def go() -> Any:
+        known = await runs.version(run_id)
+        return await runs.window(run_id, 0, count, known)
+
+    values = asyncio.run(go()).values
+    return [[values[g]["lr"][s] for g in ("g0", "g1")] for s in range(count)]
+
+
+def assert_torch(got: list[list[float]], want: list[list[float]]) -> None:
+    assert len(got) == len(want)
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        for x, y in zip(a, b, strict=True):
+            assert abs(x - y) <= 1e-12 * abs(y), (step, a, b)
+
+
+def stored_rows(store: Store, run_id: str, branch: int = 0) -> list[str]:
+    return store.reductions(run_id, PATH, branch, 0, 1 << 40)
+
+
+def test_the_state_stays_small_however_many_reductions(store: Store) -> None:
+    runs = Runs(store)
+    asyncio.run(runs.create("r", spec()))
+    losses = worse(300)
+    report_all(runs, "r", losses[:2])
+    first = store.get_run("r")
+    assert first is not None
+    report_all(runs, "r", losses[2:], first=2)
+    last = store.get_run("r")
+    assert last is not None
+    # One reduction or 299: the stored text differs only by the digits of two counters.
+    assert len(last.state) - len(first.state) <= 6, (first.state, last.state)
+    assert len(last.state) < 300, last.state
+    assert len(stored_rows(store, "r")) == 299
+    whole = asyncio.run(runs.get("r")).state[PATH]["reductions"]
+    assert len(whole) == 299 and whole[-1]["step"] == 300
+    assert_torch(served(runs, "r", 301), torch_lrs(losses))
+
+
+def test_a_short_cached_copy_reads_only_the_rows_after_it(store: Store) -> None:
+    writer = Runs(store)
+    asyncio.run(writer.create("r", spec()))
+    losses = worse(80)
+    report_all(writer, "r", losses[:51])
+    record = store.get_run("r")
+    assert record is not None
+    key = ("r", record.created_at, 0, PATH)
+    kept = LOGS.get(key)
+    assert kept is not None and len(kept) == 50
+    report_all(writer, "r", losses[51:], first=51)
+    # Another process's copy, as it was before the writer's last 29 reductions.
+    LOGS.clear()
+    LOGS.put(key, kept, 1)
+    reads: list[tuple[Any, ...]] = []
+    read_rows = store.reductions
+
+    def recorded(*args: Any) -> list[str]:
+        reads.append(args)
+        return read_rows(*args)
+
+    store.reductions = recorded  # type: ignore[method-assign]
+    record = store.get_run("r")
+    assert record is not None
+    record = read_state(store, record)
+    assert reads == [("r", PATH, 0, 50, 79)]
+    assert record.loaded is not None and len(record.loaded[PATH]["reductions"]) == 79
+    store.reductions = read_rows  # type: ignore[method-assign]
+    assert_torch(served(Runs(store), "r", 81), torch_lrs(losses))
+
+
+def test_a_rewind_rewrites_the_rows_on_its_branch(store: Store) -> None:
+    runs = Runs(store)
+    asyncio.run(runs.create("r", spec()))
+    before = worse(60)
+    report_all(runs, "r", before)
+    run, rewound = asyncio.run(runs.rewind("r", RewindChange(to_step=29)))
+    assert rewound and run.branch == 1
+    assert len(run.state[PATH]["reductions"]) == 29
+    assert stored_rows(store, "r", branch=0) == []
+    assert len(stored_rows(store, "r", branch=1)) == 29
+    # The resumed job improves for a while, then gets worse again.
+    after = [0.5 / (1 + i) for i in range(10)] + worse(10, start=100)
+    report_all(runs, "r", after, first=30)
+    losses = before[:30] + after
+    assert len(stored_rows(store, "r", branch=1)) == 29 + 10
+    assert_torch(served(runs, "r", len(losses) + 1), torch_lrs(losses))
+    LOGS.clear()  # a process that starts now reads the rows
+    assert_torch(served(Runs(store), "r", len(losses) + 1), torch_lrs(losses))
+
+
+def test_a_rolled_back_group_leaves_nothing_cached(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'group.db'}")
+    store.migrate()
+    LOGS.clear()
+    try:
+        runs = Runs(store)
+        asyncio.run(runs.create("r", spec()))
+        losses = worse(10)
+        report_all(runs, "r", losses)
+        record = store.get_run("r")
+        assert record is not None
+        key = ("r", record.created_at, 0, PATH)
+        kept = LOGS.get(key)
+        assert kept is not None and len(kept) == 9
+        # A reducing report inside a group whose transaction then rolls back.
+        with pytest.raises(RuntimeError), store.group(2):  # type: ignore[attr-defined]
+            report(store, "r", 10, 0, {"loss": 100.0})
+            raise RuntimeError("the group fails before its COMMIT")
+        assert LOGS.get(key) is kept
+        # Then the step is reported again, improving: no reduction there, one after it.
+        report_all(runs, "r", [0.1, 50.0], first=10)
+        losses += [0.1, 50.0]
+        assert len(stored_rows(store, "r")) == 10
+        assert_torch(served(runs, "r", len(losses) + 1), torch_lrs(losses))
+    finally:
+        store.close()
+
+
+def test_a_run_created_again_is_never_read_with_the_other_runs_rows(store: Store) -> None:
+    runs = Runs(store)
+    asyncio.run(runs.create("r", spec()))
+    report_all(runs, "r", worse(5))
+    old = store.get_run("r")
+    assert old is not None
+    asyncio.run(runs.delete("r"))
+    asyncio.run(runs.create("r", spec()))
+    again = worse(9, start=50)
+    report_all(runs, "r", again)
+    LOGS.clear()
+    # ``old`` was read before the delete: its head counts 4 reductions, and rows 0..3 exist
+    # again (the new run's). They are not taken for the old run's: the run is read again.
+    got = read_state(store, old)
+    assert got.created_at != old.created_at
+    assert got.loaded is not None and len(got.loaded[PATH]["reductions"]) == 8
+    assert_torch(served(runs, "r", 10), torch_lrs(again))
