@@ -223,3 +223,61 @@ def test_a_run_created_again_is_never_read_with_the_other_runs_rows(store: Store
     assert got.created_at != old.created_at
     assert got.loaded is not None and len(got.loaded[PATH]["reductions"]) == 8
     assert_torch(served(runs, "r", 10), torch_lrs(again))
+
+
+def test_two_plateau_nodes_keep_their_own_rows(store: Store) -> None:
+    from service.runs.model import compile_spec
+
+    two = RunSpec.model_validate(
+        {
+            "groups": [{"name": "g0", "lr": BASE[0]}, {"name": "g1", "lr": BASE[1]}],
+            "schedule": {
+                "type": "ReduceLROnPlateau",
+                "metric": "loss",
+                "factor": 0.5,
+                "patience": 1,
+                "eps": 0.0,
+            },
+            "group_schedules": {
+                "g1": {
+                    "type": "ReduceLROnPlateau",
+                    "metric": "acc",
+                    "mode": "max",
+                    "factor": 0.8,
+                    "patience": 0,
+                    "eps": 0.0,
+                },
+            },
+        }
+    )
+    paths = [n.path for n in compile_spec(two.normalised()).program.metric_nodes]
+    assert len(paths) == 2
+    runs = Runs(store)
+    asyncio.run(runs.create("two", two))
+    losses = [1.0 + (i % 7) for i in range(60)]
+    accs = [0.5 + 0.1 * ((i * 3) % 5) for i in range(60)]
+
+    async def go() -> None:
+        for step, (loss, acc) in enumerate(zip(losses, accs, strict=True)):
+            await runs.report("two", step, 0, {"loss": loss, "acc": acc})
+
+    asyncio.run(go())
+    # torch: one optimizer and scheduler per group (a scheduler acts on all of its groups).
+    want: list[list[float]] = [[], []]
+    for g, (lr, metric, kwargs) in enumerate(
+        [
+            (BASE[0], losses, {"factor": 0.5, "patience": 1}),
+            (BASE[1], accs, {"mode": "max", "factor": 0.8, "patience": 0}),
+        ]
+    ):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, eps=0.0, **kwargs)
+        want[g].append(opt.param_groups[0]["lr"])
+        for value in metric:
+            sched.step(value)
+            want[g].append(opt.param_groups[0]["lr"])
+    expected = [[want[0][s], want[1][s]] for s in range(61)]
+    rows = [store.reductions("two", p, 0, 0, 1 << 40) for p in paths]
+    assert all(rows) and len(rows[0]) != len(rows[1])
+    LOGS.clear()
+    assert_torch(served(Runs(store), "two", 61), expected)
