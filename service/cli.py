@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import replace
 
 from service.config import LOOPBACK_HOSTS, Settings, SettingsError
 
@@ -63,20 +62,25 @@ def build_parser(prog: str = "lrserve serve") -> argparse.ArgumentParser:
 
 
 def parse_settings(argv: list[str] | None) -> Settings:
+    """The settings of ``argv``: its flags over the ``LRSERVE_*`` environment over the
+    defaults. Raises :class:`SettingsError` for a variable of the wrong type."""
     args = build_parser().parse_args(argv)
     base = Settings.from_env()
-    return replace(
-        base,
-        host=args.host,
-        port=args.port,
-        database=args.database,
-        workers=args.workers,
-        token=args.token or None,
-        read_token=args.read_token or None,
-        log_level=args.log_level,
-        allow_unauthenticated=bool(args.insecure_bind_all),
-        max_body_bytes=args.max_body_bytes,
-        idle_after=args.idle_after,
+    # model_copy does not validate: argparse has already typed every flag below, and
+    # check_settings judges the ranges of the result.
+    return base.model_copy(
+        update={
+            "host": args.host,
+            "port": args.port,
+            "database": args.database,
+            "workers": args.workers,
+            "token": args.token or None,
+            "read_token": args.read_token or None,
+            "log_level": args.log_level,
+            "allow_unauthenticated": bool(args.insecure_bind_all),
+            "max_body_bytes": args.max_body_bytes,
+            "idle_after": args.idle_after,
+        }
     )
 
 

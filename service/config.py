@@ -3,54 +3,83 @@
 Flags win over the environment, the environment over the defaults. ``serve_main`` hands the
 settings to every uvicorn worker through the environment (see :meth:`Settings.to_env`), so a
 worker process rebuilds exactly the settings its parent parsed.
+
+The variables are typed by pydantic: each field ``name`` is the variable ``LRSERVE_NAME``
+(exactly that case), an empty one counts as unset, integers may use ``_`` separators, numbers
+must be finite. Ranges are checked later by ``service.cli.check_settings``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 DEFAULT_DATABASE = "sqlite:///./lrserve.db"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
-
+_PREFIX = "LRSERVE_"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+_SECRET = frozenset({"token", "read_token"})
 
 
 class SettingsError(ValueError):
     """A ``LRSERVE_*`` variable whose value cannot be read (the message names it)."""
 
 
-def _env_bool(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in _TRUE
+def _variable(field: str) -> str:
+    """The environment variable of a field: ``port`` is ``LRSERVE_PORT``."""
+    return f"{_PREFIX}{field.upper()}"
 
 
-def _parse(name: str, raw: str, default: object) -> object:
-    """``raw`` as the type of ``default``, or a :class:`SettingsError` naming ``name``."""
-    text = raw.strip()
-    if isinstance(default, bool):
-        if text.lower() not in _TRUE | _FALSE:
-            raise SettingsError(f"{name} must be one of 1/0, true/false, yes/no, on/off: {raw!r}")
-        return text.lower() in _TRUE
-    try:
-        if isinstance(default, int):
-            return int(text.replace("_", ""))
-        if isinstance(default, float):
-            value = float(text)
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError(text)
-            return value
-    except ValueError:
-        kind = "an integer" if isinstance(default, int) else "a number"
-        raise SettingsError(f"{name} must be {kind}, not {raw!r}") from None
-    return raw
+def _flag(value: object) -> object:
+    # The words these flags have always taken (the ones SettingsError lists), blanks around
+    # them allowed; pydantic's own bool would also take t/f/y/n and refuse " 1".
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE | _FALSE:
+            return word in _TRUE
+        raise ValueError("not a flag")
+    return value
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything the server needs to start; immutable once parsed."""
+_Flag = Annotated[bool, BeforeValidator(_flag)]
+"""A bool that a variable spells 1/0, true/false, yes/no or on/off (any case)."""
+
+
+def _explain(exc: ValidationError) -> str:
+    """The messages of a failed :meth:`Settings.from_env`, one per bad variable."""
+    out = []
+    for error in exc.errors():
+        field, raw = str(error["loc"][0]), error["input"]
+        name = _variable(field)
+        kind = Settings.model_fields[field].annotation if field in Settings.model_fields else None
+        if kind is bool:
+            out.append(f"{name} must be one of 1/0, true/false, yes/no, on/off: {raw!r}")
+        elif kind is int:
+            out.append(f"{name} must be an integer, not {raw!r}")
+        elif kind is float:
+            out.append(f"{name} must be a number, not {raw!r}")
+        else:
+            out.append(f"{name}: {error['msg']}, not {raw!r}")
+    return "; ".join(out)
+
+
+class Settings(BaseModel):
+    """Everything the server needs to start; immutable once parsed.
+
+    ``Settings(port=...)`` validates the values it is given and reads no environment (only
+    :meth:`from_env` does); a change is a copy, ``settings.model_copy(update={...})``.
+    """
+
+    model_config = ConfigDict(
+        allow_inf_nan=False,  # LRSERVE_IDLE_AFTER=inf would be a timeout that never fires
+        frozen=True,
+        extra="forbid",
+    )
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -59,7 +88,7 @@ class Settings:
     token: str | None = None
     read_token: str | None = None
     log_level: str = "info"
-    allow_unauthenticated: bool = False
+    allow_unauthenticated: _Flag = False
     """Serve without a token on a non-loopback address (``--insecure-bind-all``)."""
     max_body_bytes: int = 1_048_576
     max_json_depth: int = 64
@@ -96,48 +125,43 @@ class Settings:
 
     @property
     def auth_enabled(self) -> bool:
+        """Whether ``/v1`` needs a bearer token (a read-write or a read-only one is set)."""
         return bool(self.token or self.read_token)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Settings from ``LRSERVE_*`` variables (unset ones keep their defaults).
+        """Settings from ``LRSERVE_*`` variables (``os.environ`` if ``env`` is None); unset
+        or empty ones keep their defaults.
 
         Raises :class:`SettingsError`, naming the variable, for a value of the wrong type
         (ranges are checked by ``service.cli.check_settings``).
         """
         env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            name = f"LRSERVE_{f.name.upper()}"
-            raw = env.get(name)
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _parse(name, raw, f.default)
-        # The documented name of the escape hatch for unauthenticated non-loopback binds.
-        if _env_bool(env.get("LRSERVE_ALLOW_UNAUTHENTICATED")):
-            values["allow_unauthenticated"] = True
-        return cls(**values)  # type: ignore[arg-type]
+        # Exactly LRSERVE_<FIELD>; an empty one (docker-compose.yml passes LRSERVE_READ_TOKEN=
+        # when none is set) counts as unset.
+        values = {
+            name: env[_variable(name)] for name in cls.model_fields if env.get(_variable(name))
+        }
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            # pydantic's own message would print every input; ours names the variable.
+            raise SettingsError(_explain(exc)) from None
 
     def to_env(self) -> dict[str, str]:
         """The ``LRSERVE_*`` variables that make :meth:`from_env` return these settings."""
         out: dict[str, str] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in type(self).model_fields:
+            value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, bool):
                 value = "1" if value else "0"
-            out[f"LRSERVE_{f.name.upper()}"] = str(value)
+            out[_variable(name)] = str(value)
         return out
 
-    def __repr__(self) -> str:
-        # Tokens must never reach a log line or a traceback.
-        shown = {
-            f.name: (
-                "***"
-                if f.name in {"token", "read_token"} and getattr(self, f.name)
-                else getattr(self, f.name)
-            )
-            for f in fields(self)
-        }
-        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() both come from here: tokens must never reach a log line or a
+        # traceback.
+        for name, value in super().__repr_args__():
+            yield name, "***" if name in _SECRET and value else value
