@@ -1,6 +1,6 @@
 """The run model: specs, and the pure transitions a run goes through.
 
-Nothing here does I/O. :mod:`service.runs.service` loads a locked run from the store, calls
+Nothing here does I/O. :mod:`service.runs.transactions` loads a locked run from the store, calls
 these functions, and writes what they return in the same transaction.
 """
 

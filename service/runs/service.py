@@ -1,977 +1,96 @@
-"""Use cases: everything a request can do to a run or read from it.
+"""The application service: :class:`Runs`, every use case as the HTTP layer calls it.
 
-Two levels:
-
-- **Transactions** (``create_run``, ``report``, ``add_override``, ``step_status``): blocking
-  functions over a :class:`~service.runs.repository.Store`. A mutation runs inside
-  ``store.transaction(run_id)`` (the run row locked until commit), so two reports for one run,
-  on any process or replica, are applied one after the other. Callable from any thread.
-- :class:`Runs`, the application service the HTTP layer calls: one ``async`` method per use
-  case, reads included (a window of values, a curve, metric history, events, waiting for a
-  step). It decides where each call runs: on the event loop when the store says the call never
-  waits (a SQLite WAL read; a SQLite write that fails fast when the lock is taken, retried
-  briefly) and in a worker thread otherwise. It owns the values cache.
-
-Results are domain values (:class:`Run`, :class:`ReportOutcome`, ...), never HTTP bodies.
+One ``async`` method per use case, reads included (a window of values, a curve, metric
+history, events, waiting for a step), over the blocking transactions of
+:mod:`service.runs.transactions`. ``Runs`` decides where each call runs: on the event loop
+when the store says the call never waits (a SQLite WAL read; a SQLite write that fails fast
+when the lock is taken, retried briefly), in a worker thread otherwise, and an expensive
+evaluation in the heavy-work pool (:mod:`service.runs.evaluation`). It owns the values cache
+(the one-step blocks GET lr and a report's answer share) and wakes the reports waiting for a
+step. Results are the domain values of :mod:`service.runs.views`, never HTTP bodies.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
-import os
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
-from functools import lru_cache, partial
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, TypeVar
 
 import anyio
 from anyio import to_thread
 
-from service.runs.curve import decimate, decimate_sampled
-from service.runs.errors import InvalidArgument, RewindConflict, RunConflict, RunNotFound
+from service.runs.curve import decimate_sampled
+from service.runs.errors import RunNotFound
+from service.runs.evaluation import heavy, preview, sample
 from service.runs.gcpause import gc_paused
 from service.runs.groupcommit import GroupWriter
-from service.runs.listing import (
-    DEFAULT_IDLE_AFTER,
-    Status,
-    active_since,
-    derive,
-    run_horizon,
-    run_status,
-    run_tags,
-)
+from service.runs.limits import check_span, check_values
+from service.runs.listing import Status, active_since, derive, run_status
 from service.runs.model import (
     AmendmentChange,
     OverrideChange,
-    ReportPlan,
     RewindChange,
     RunSpec,
-    Values,
-    amendment_key,
     at_step,
-    canonical_values,
-    check_not_too_late,
-    check_rank,
     compile_run,
-    compile_spec,
     evaluate,
-    lease_end,
-    make_amendment,
-    make_override,
-    plan_report,
-    stored_amendment_key,
-    withdraw_override,
 )
 from service.runs.range_test import RangeTestCurveValues, range_test_curve, report_stop
 from service.runs.repository import (
-    ReportRow,
     RunPulse,
     RunQuery,
     RunRecord,
     RunSummary,
-    RunTx,
     Store,
     StoreBusy,
     WouldBlock,
-    dumps,
-    utcnow,
 )
-from service.runs.states import full_state, load_in, read_state, save_in
+from service.runs.states import full_state
 from service.runs.timeline import Timeline
-from service.runs.values import ValuesCache
-from service.schedules import Program, ScheduleSpec
-from service.schedules.base import MAX_STEP
-from service.schedules.cost import (
-    INLINE_WORK,
-    WORK_BUDGET,
-    WorkLimitExceeded,
-    check_work,
+from service.runs.transactions import (
+    Change,
+    OverrideWithdrawal,
+    ReportResult,
+    add_amendment,
+    add_override,
+    create_run,
+    delete_run,
+    dry_run,
+    extend_lease,
+    heartbeat,
+    read_run,
+    remove_override,
+    report,
+    rewind,
+    step_status,
 )
+from service.runs.values import ValuesCache
+from service.runs.views import (
+    ChangePreview,
+    CurveValues,
+    Event,
+    MetricHistory,
+    MetricPoint,
+    ReportOutcome,
+    Run,
+    RunVersion,
+    Sampled,
+    StepValues,
+    Window,
+    _list,  # Run.of's parse of a stored JSON list, shared with _groups_at
+)
+from service.schedules.base import MAX_STEP
+from service.schedules.cost import INLINE_WORK, WORK_BUDGET, WorkLimitExceeded, check_work
 
 T = TypeVar("T")
 
 BLOCK = 1024
 """Steps per cached block for one-step reads: a block costs about what one step costs, and a
 trainer asks for step after step while every rank asks for the same one."""
-
-MAX_WINDOW_VALUES = 1 << 20
-"""Most values (steps x series) one window, preview or curve answers: bounds a body to about
-25 MB and the request's memory to about 150 MB (see docs/operations.md)."""
-MAX_HEAVY = 2
-"""Evaluations over ``INLINE_WORK`` run in worker threads, at most this many at once (the
-others wait for one): what bounds the memory of expensive requests together."""
-MIN_GUARANTEED_WINDOW = 256
-"""Every accepted spec answers a window of this many steps at step 0 within the budget."""
-MIN_GUARANTEED_STEP = 1 << 20
-"""... and a single step at any step below this one (a recursion's cost grows with the step)."""
-MAX_SPEC_NODES = 4096
-"""Most schedule nodes one spec (every part together) may have."""
-
-
-def check_values(series: int, count: int, what: str) -> None:
-    """Refuse an answer of more than ``MAX_WINDOW_VALUES`` values (``count`` steps of
-    ``series`` series), naming the largest count that fits."""
-    if count * series > MAX_WINDOW_VALUES:
-        fits = max(1, MAX_WINDOW_VALUES // max(series, 1))
-        raise WorkLimitExceeded(
-            what,
-            "values",
-            count * series,
-            MAX_WINDOW_VALUES,
-            f"the run has {series} series (groups x fields): ask for count <= {fits}",
-            fits,
-        )
-
-
-def check_spec_limits(
-    program: Program, budget: int = WORK_BUDGET, horizon: int | None = None
-) -> None:
-    """Refuse a spec that an accepted run could not serve within the work budget: more than
-    ``MAX_SPEC_NODES`` nodes, a ``MIN_GUARANTEED_WINDOW``-step window over the budget, or a
-    recursion whose single step at ``MIN_GUARANTEED_STEP`` (or at the run's ``horizon``, when
-    it names an earlier end) is over it.
-
-    A run that says how long it trains (``metadata.total_steps``, or a schedule with an end)
-    is held to its own length: a ChainedScheduler that scans is accepted for the steps it will
-    be asked for, and a request past its end is refused when it comes, with the same message.
-    """
-    if program.nodes > MAX_SPEC_NODES:
-        raise WorkLimitExceeded(
-            "this spec",
-            "spec nodes",
-            program.nodes,
-            MAX_SPEC_NODES,
-            "split the schedule, or write repeated children as one node (StepLR with a "
-            "smaller gamma, MultiStepLR with its milestones)",
-        )
-    window = MIN_GUARANTEED_WINDOW
-    check_work(program, 0, window, budget, f"a {window}-step window of this spec")
-    guaranteed = MIN_GUARANTEED_STEP if horizon is None else min(MIN_GUARANTEED_STEP, horizon)
-    last = max(guaranteed - 1, 0)
-    try:
-        check_work(program, last, 1, budget, "one step")
-    except WorkLimitExceeded as exc:
-        raise WorkLimitExceeded(
-            f"one step at step {last:,} of this spec",
-            exc.limit,
-            exc.amount,
-            exc.maximum,
-            "it is evaluated step by step from the start (MultiplicativeLR, or a "
-            "ChainedScheduler with a child that adds to the lr): set metadata.total_steps to "
-            "the run's length when it is shorter, use fewer groups, a shorter expression or a "
-            "closed-form schedule, or raise the server's LRSERVE_MAX_REQUEST_WORK",
-        ) from None
-
-
-# -- domain values -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    """A run as the use cases see it: the spec compiled, state and overrides parsed."""
-
-    id: str
-    spec_text: str
-    """The normalised spec (canonical JSON): also the idempotency key."""
-    spec: RunSpec
-    schedule: Timeline
-    """The whole schedule: the spec's program and the amendments."""
-    state: dict[str, Any]
-    overrides: list[dict[str, Any]]
-    amendments: list[dict[str, Any]]
-    rewinds: list[dict[str, Any]]
-    version: int
-    step: int | None
-    completed_step: int | None
-    leased_until: int
-    branch: int
-    created_at: str
-    updated_at: str
-    last_report_at: str | None = None
-    values_version: int = 1
-    """Changes only when the values change (what window and GET lr ETags name)."""
-    heartbeat_at: str | None = None
-    heartbeat_step: int | None = None
-    finished: bool = False
-    """A heartbeat said the job finished (see :func:`~service.runs.listing.run_status`)."""
-    horizon: int | None = None
-    tags: tuple[str, ...] = ()
-    active_since: str = ""
-    """Activity at or after this makes the run ``running`` (``Runs`` sets it when it reads the
-    run; empty: the default ``idle_after`` from now)."""
-
-    @property
-    def status(self) -> Status:
-        """``running``, ``idle`` or ``finished`` (:func:`~service.runs.listing.run_status`)."""
-        since = self.active_since or active_since(datetime.now(timezone.utc), DEFAULT_IDLE_AFTER)
-        return run_status(
-            finished=self.finished,
-            horizon=self.horizon,
-            completed_step=self.completed_step,
-            last_report_at=self.last_report_at,
-            heartbeat_at=self.heartbeat_at,
-            active_since=since,
-        )
-
-    @classmethod
-    def of(
-        cls, record: RunRecord, state: dict[str, Any] | None = None, active_since: str = ""
-    ) -> Run:
-        """The run of a stored row (``state``: the row's state already parsed, if at hand)."""
-        return cls(
-            id=record.id,
-            spec_text=record.spec,
-            spec=compile_spec(record.spec).spec,
-            schedule=compile_run(record.spec, record.amendments),
-            state=full_state(record) if state is None else state,
-            overrides=_list(record.overrides),
-            amendments=_list(record.amendments),
-            rewinds=_list(record.rewinds),
-            version=record.version,
-            values_version=record.values_version,
-            step=record.step,
-            completed_step=record.completed_step,
-            leased_until=record.leased_until,
-            branch=record.branch,
-            created_at=record.created_at,
-            updated_at=record.updated_at,
-            last_report_at=record.last_report_at,
-            heartbeat_at=record.heartbeat_at,
-            heartbeat_step=record.heartbeat_step,
-            finished=record.finished,
-            horizon=run_horizon(record.spec, record.amendments),
-            tags=tuple(run_tags(compile_spec(record.spec).spec.metadata)),
-            active_since=active_since,
-        )
-
-    def spec_document(self) -> dict[str, Any]:
-        """The normalised spec as a JSON object."""
-        document: dict[str, Any] = json.loads(self.spec_text)
-        return document
-
-    def values(self, start: int, count: int) -> Values:
-        """Every group's values for ``[start, start + count)``: schedule, then overrides."""
-        return evaluate(self.schedule, self.state, self.overrides, start, count)
-
-
-def _list(text: str) -> list[dict[str, Any]]:
-    return [] if text == "[]" else list(json.loads(text))
-
-
-# The hot paths' results are NamedTuples: a frozen dataclass costs microseconds to build.
-
-
-class RunVersion(NamedTuple):
-    """What identifies a run's values: ``(version, created_at)``, where ``version`` is the
-    run's *values* version (``values_version``: it changes only when values change, not on
-    a partial report); its current step, and how far trainers have been handed values
-    (``leased_until``, exclusive)."""
-
-    version: int
-    created_at: str
-    step: int | None
-    leased_until: int = 0
-
-
-class StepValues(NamedTuple):
-    run_id: str
-    step: int
-    version: int
-    groups: dict[str, dict[str, float]]
-
-
-@dataclass(frozen=True)
-class Window:
-    run_id: str
-    start: int
-    count: int
-    version: int
-    values: Values
-
-
-class ReportOutcome(NamedTuple):
-    """A report's effect and the step's status, with the values from ``step + 1``."""
-
-    run_id: str
-    step: int
-    rank: int
-    complete: bool
-    reported_ranks: int
-    version: int
-    decision: dict[str, Any] | None
-    """The step's decision once complete (``None`` before)."""
-    groups: dict[str, dict[str, float]]
-    """Every group's values at ``step + 1``."""
-    duplicate: bool
-    completed_now: bool
-    stop: bool = False
-    """A range test is finished at ``step`` (diverged, or its last step): trainers stop."""
-    values_version: int | None = None
-    """The run's values version with this answer: a trainer whose window carries it keeps it."""
-
-
-@dataclass(frozen=True)
-class Sampled:
-    """Values at chosen steps (a decimated curve or preview)."""
-
-    count: int
-    steps: list[int] | None
-    """``None`` for a dense window (every step from ``start``)."""
-    groups: dict[str, dict[str, list[float]]]
-
-
-@dataclass(frozen=True)
-class CurveValues:
-    run_id: str
-    version: int
-    start: int
-    stop: int
-    steps: list[int]
-    groups: dict[str, dict[str, list[float]]]
-
-
-@dataclass(frozen=True)
-class ChangePreview:
-    """A dry run of a change: the run before and as the change would leave it, and its
-    curve over the same steps before and after."""
-
-    before: Run
-    after: Run
-    before_curve: CurveValues
-    after_curve: CurveValues
-
-
-@dataclass(frozen=True)
-class MetricPoint:
-    step: int
-    rank: int
-    value: float | None
-    branch: int = 0
-    """The run's branch when the report arrived (the number of rewinds before it)."""
-    abandoned_by: int = 0
-    """0 for a point on the run's timeline; else the rewind that set it aside."""
-
-
-@dataclass(frozen=True)
-class MetricHistory:
-    run_id: str
-    name: str
-    points: list[MetricPoint]
-    """The reports on the run's timeline, by step and rank."""
-    aggregate: list[tuple[int, float | None, int]]
-    """``(step, value, branch)`` the metric-driven nodes saw, per completed step."""
-    abandoned: list[MetricPoint]
-    """Reports that rewinds set aside (an abandoned branch), by rewind, step and rank."""
-    next_after_step: int | None = None
-    """More steps follow: ask again with this ``after_step`` (``None``: this is the end)."""
-
-
-@dataclass(frozen=True)
-class Event:
-    seq: int
-    type: str
-    step: int | None
-    at: str
-    data: dict[str, Any]
-    branch: int = 0
-    abandoned_by: int = 0
-
-
-# -- transactions (blocking; any thread) -------------------------------------------------
-
-
-@dataclass
-class ReportResult:
-    """What :func:`report` did, as stored at commit."""
-
-    run: RunRecord
-    step: int
-    rank: int
-    complete: bool
-    reported_ranks: int
-    decision: dict[str, Any] | None
-    duplicate: bool = False
-    completed_now: bool = False
-    state: dict[str, Any] | None = None
-    """``run.state`` parsed (the caller's answer evaluates with it; saves parsing it again)."""
-    next_groups: dict[str, dict[str, float]] | None = None
-    """The values at ``step + 1`` once an answer computed them (every waiter woken by this
-    completion answers with them: evaluated once, not once per rank)."""
-
-
-def create_run(
-    store: Store, run_id: str, spec: RunSpec, max_work: int = WORK_BUDGET
-) -> tuple[RunRecord, bool]:
-    """Create the run, or return the existing one when its normalised spec is the same.
-
-    A spec an accepted run could not serve within ``max_work`` is refused first
-    (:class:`WorkLimitExceeded`, see :func:`check_spec_limits`).
-
-    Raises :class:`RunConflict` for an existing id with another spec, and lets the engine's
-    ``SpecError`` through for a spec that cannot be compiled (nothing is written then).
-    """
-    text = spec.normalised()
-    compiled = compile_spec(text)
-    derived = derive(run_id, text)
-    check_spec_limits(compiled.program, max_work, derived.horizon)
-    record = RunRecord(
-        id=run_id,
-        spec=text,
-        state=dumps(compiled.program.initial_state()),
-        horizon=derived.horizon,
-        tags=dumps(derived.tags),
-        search=derived.search,
-        metadata=derived.metadata,
-    )
-    stored, created = store.create_run(record, {"world_size": spec.world_size})
-    if not created and stored.spec != text:
-        raise RunConflict(
-            f"run {run_id!r} already exists with a different spec; delete it first or use "
-            "another id"
-        )
-    return (stored if created else read_state(store, stored)), created
-
-
-def report(
-    store: Store,
-    run_id: str,
-    step: int,
-    rank: int,
-    values: Mapping[str, float | None],
-    max_work: int = WORK_BUDGET,
-) -> ReportResult:
-    """Record one rank's report; when it completes the step, observe and decide.
-
-    One transaction with the run locked. The report row is inserted first (unless its key
-    exists): for a run with one rank that answers "did this rank report this step?" without
-    a read, and a refused report rolls the insert back with everything else. Every read in
-    here uses the transaction's own connection (a second pooled one could starve the pool).
-    """
-    values_text = canonical_values(values)
-    with store.transaction(run_id) as tx:
-        if tx is None:
-            raise RunNotFound(run_id)
-        run = tx.run
-        compiled = compile_spec(run.spec)
-        check_rank(compiled, rank)
-        # The answer carries the values of step + 1: refused before anything is written. (A
-        # schedule without a recursion costs the same at every step: PUT checked that.)
-        schedule = compile_run(run.spec, run.amendments)
-        if schedule.recursive:
-            check_work(schedule, step + 1, 1, max_work, "one step")
-        inserted = tx.insert_report_if_absent(
-            ReportRow(step, rank, values_text, tx.now, run.branch)
-        )
-        world_size = compiled.spec.world_size
-        # The step's count is kept incrementally: a partial report reads no other rank's row
-        # (with N ranks, reading them made a step cost O(N^2)). Only the completing report
-        # reads the step's rows, once, to aggregate them; a repeated key reads them to
-        # answer as the first time did.
-        counted = tx.count_step_report(step) if inserted and world_size > 1 else 1
-        existing: list[tuple[int, str]] = []
-        if not inserted or counted >= world_size > 1:
-            existing = [
-                (r, text) for r, text in tx.rank_values_at(step) if r != rank or not inserted
-            ]
-        state = load_in(tx)
-        plan: ReportPlan = plan_report(
-            compiled,
-            schedule,
-            state,
-            run.completed_step,
-            step,
-            rank,
-            values_text,
-            existing,
-        )
-        if inserted and not plan.complete:
-            # plan_report saw this rank alone (and refused a stale step): the count is kept.
-            plan = dataclasses.replace(plan, reported_ranks=counted)
-        if plan.duplicate:
-            decision = None
-            if plan.complete:
-                event = tx.event_at("report_completed", step)
-                if event is not None:
-                    decision = json.loads(event.data).get("decision")
-            return ReportResult(
-                run,
-                step,
-                rank,
-                plan.complete,
-                plan.reported_ranks,
-                decision,
-                duplicate=True,
-                state=state,
-            )
-        assert inserted  # plan_report refuses a different report for an existing key
-        run.step = step if run.step is None else max(run.step, step)
-        run.version += 1
-        # The run list's columns, in the same row write (service/runs/listing.py).
-        run.last_report_at = tx.now
-        if run.finished and step > (-1 if run.finished_step is None else run.finished_step):
-            run.finished = False  # the job went on past the step it said it finished at
-        if run.metric_names is not None and values:
-            known = _metric_names(run.metric_names)
-            if not known.issuperset(values):
-                run.metric_names = dumps(sorted(known.union(values)))
-        # The answer hands out the values of step + 1: they are leased like a window's.
-        run.leased_until = max(run.leased_until, step + 2)
-        if plan.completes_now:
-            assert plan.new_state is not None and plan.decision is not None
-            if plan.decision.get("reduced") or _reductions(plan.new_state) != _reductions(state):
-                # The values changed from step + 1 on: cached windows are stale now.
-                run.values_version += 1
-            state = plan.new_state
-            save_in(tx, state)
-            run.completed_step = step
-            tx.announce_completed(step)
-            tx.add_event(
-                "report_completed",
-                step,
-                {
-                    "aggregate": plan.aggregate,
-                    "ranks": plan.reported_ranks,
-                    "decision": plan.decision,
-                    "version": run.version,
-                },
-            )
-            if plan.decision.get("reduced"):
-                tx.add_event(
-                    "reduced",
-                    step,
-                    {"applies_from": step + 1, "nodes": plan.decision.get("nodes", [])},
-                )
-        tx.save()
-        return ReportResult(
-            run,
-            step,
-            rank,
-            plan.complete,
-            plan.reported_ranks,
-            plan.decision,
-            completed_now=plan.completes_now,
-            state=state,
-        )
-
-
-@lru_cache(maxsize=4096)
-def _metric_names(text: str) -> frozenset[str]:
-    """A stored ``metric_names`` text parsed (cached: a run's changes only with a new name,
-    and every report asks whether its names are known)."""
-    return frozenset(json.loads(text))
-
-
-def _reductions(state: Mapping[str, Any]) -> list[int]:
-    """What of a program state the values depend on, in short: how many reductions each
-    metric-driven node has decided (its value changes only through them, see
-    ``MetricCurve``, and they are only ever appended). Counters like ``best`` or
-    ``num_bad_epochs`` change no value, so a completion that only moves them keeps every
-    trainer's window valid."""
-    return [
-        len(node.get("reductions", ())) if isinstance(node, dict) else -1 for node in state.values()
-    ]
-
-
-def read_run(store: Store, run_id: str) -> RunRecord | None:
-    """The run as stored, its whole state read (``None`` when it does not exist)."""
-    record = store.get_run(run_id)
-    return None if record is None else read_state(store, record)
-
-
-def step_status(
-    store: Store, run_id: str, step: int
-) -> tuple[RunRecord, bool, int, dict[str, Any] | None]:
-    """(run, complete, reported ranks, decision) of ``step`` as stored now."""
-    run = read_run(store, run_id)
-    if run is None:
-        raise RunNotFound(run_id)
-    compiled = compile_spec(run.spec)
-    event = store.event_at(run_id, "report_completed", step)
-    if event is not None:
-        data = json.loads(event.data)
-        return run, True, int(data.get("ranks", compiled.spec.world_size)), data.get("decision")
-    return run, False, store.count_reports(run_id, step), None
-
-
-def add_override(store: Store, run_id: str, change: OverrideChange) -> RunRecord:
-    """Record an operator override (audited as an ``override`` event; bumps the version).
-
-    Refused with :class:`TooLate` from a step a trainer may already have been handed.
-    """
-    with store.transaction(run_id) as tx:
-        if tx is None:
-            raise RunNotFound(run_id)
-        run = tx.run
-        overrides = json.loads(run.overrides)
-        schedule = compile_run(run.spec, run.amendments)
-        override = make_override(schedule, change, tx.now, n=len(overrides) + 1)
-        check_not_too_late("an override", change.from_step, run.leased_until)
-        overrides.append(override)
-        run.overrides = dumps(overrides)
-        run.version += 1
-        run.values_version += 1
-        tx.add_event("override", change.from_step, {**override, "version": run.version})
-        tx.save()
-        load_in(tx)  # the answer shows the whole run
-        return run
-
-
-def remove_override(
-    store: Store, run_id: str, n: int, from_step: int | None
-) -> tuple[RunRecord, dict[str, Any]]:
-    """Withdraw override ``n`` from ``from_step`` (default: the earliest guaranteed step);
-    an ``override_withdrawn`` event. Returns the run and the withdrawn override."""
-    with store.transaction(run_id) as tx:
-        if tx is None:
-            raise RunNotFound(run_id)
-        run = tx.run
-        overrides = json.loads(run.overrides)
-        for i, ov in enumerate(overrides):
-            ov.setdefault("n", i + 1)  # overrides stored before they were numbered
-        ov = withdraw_override(overrides, n, from_step, run.leased_until, tx.now)
-        run.overrides = dumps(overrides)
-        run.version += 1
-        run.values_version += 1
-        tx.add_event(
-            "override_withdrawn",
-            int(ov["until_step"]),
-            {"n": n, "from_step": int(ov["until_step"]), "version": run.version},
-        )
-        tx.save()
-        load_in(tx)
-        return run, ov
-
-
-def add_amendment(store: Store, run_id: str, change: AmendmentChange) -> tuple[RunRecord, bool]:
-    """Amend the run's schedule from ``change.from_step`` on; ``(run, created)``.
-
-    The same change again (same step and content) is answered with the run as it is and
-    writes nothing. Otherwise refused with :class:`TooLate` from a step a trainer may already
-    have been handed, or :class:`InvalidArgument` / ``SpecError`` when it does not compile.
-    """
-    key = amendment_key(change)
-    with store.transaction(run_id) as tx:
-        if tx is None:
-            raise RunNotFound(run_id)
-        run = tx.run
-        state = load_in(tx)
-        amendments = json.loads(run.amendments)
-        if any(stored_amendment_key(a) == key for a in amendments):
-            return run, False
-        check_not_too_late("an amendment", change.from_step, run.leased_until)
-        compiled = compile_spec(run.spec)
-        amendment = make_amendment(
-            compiled.spec, compiled.program, amendments, state, change, tx.now
-        )
-        amendments.append(amendment)
-        run.amendments = dumps(amendments)
-        amended = compile_run(run.spec, run.amendments)
-        # The amended run must serve what an accepted spec serves (refused before saving).
-        horizon = run_horizon(run.spec, run.amendments)
-        check_spec_limits(amended.programs()[-1], horizon=horizon)
-        # The new parts' metric-driven nodes start fresh.
-        save_in(tx, {**amended.initial_state(), **state})
-        run.horizon = horizon
-        run.version += 1
-        run.values_version += 1
-        tx.add_event(
-            "amended",
-            change.from_step,
-            {
-                "n": amendment["n"],
-                "from_step": change.from_step,
-                "parts": sorted(k for k in change.parts if change.parts[k] is not None),
-                "restart": change.restart,
-                "base": change.base,
-                "note": change.note,
-                "version": run.version,
-            },
-        )
-        tx.save()
-        return run, True
-
-
-def rewind(store: Store, run_id: str, change: RewindChange) -> tuple[RunRecord, bool]:
-    """Take the run back to how it was when ``change.to_step`` completed; ``(run, rewound)``.
-
-    Reports after ``to_step`` are set aside (kept, readable, as the abandoned branch) with the
-    decisions they caused; the metric-driven state is replayed from the completed steps that
-    remain; overrides and amendments stay. A ``key`` already used answers with the run as it
-    is (``rewound`` false); the same key for another step is a :class:`RewindConflict`.
-    """
-    with store.transaction(run_id) as tx:
-        if tx is None:
-            raise RunNotFound(run_id)
-        run = tx.run
-        load_in(tx)  # also what the answer shows when the key was used before
-        rewinds = json.loads(run.rewinds)
-        if change.key is not None:
-            for done in rewinds:
-                if done.get("key") != change.key:
-                    continue
-                if int(done["to_step"]) != change.to_step:
-                    raise RewindConflict(
-                        f"rewind key {change.key!r} was used for a rewind to step "
-                        f"{done['to_step']}, not {change.to_step}; use another key"
-                    )
-                return run, False
-        if run.step is None or change.to_step > run.step:
-            raise InvalidArgument(
-                ("to_step",),
-                f"the run has not reached step {change.to_step} (its highest reported step is "
-                f"{run.step}); nothing to rewind",
-            )
-        number = run.branch + 1
-        moved = tx.set_aside_after(change.to_step, number)
-        schedule = compile_run(run.spec, run.amendments)
-        state = schedule.initial_state()
-        completed: int | None = None
-        for event in tx.completed_after_rewind():
-            assert event.step is not None and event.step <= change.to_step
-            state, _ = schedule.observe(state, event.step, json.loads(event.data)["aggregate"])
-            completed = event.step
-        from_step = run.step
-        run.completed_step = completed
-        run.step = tx.highest_report_step()
-        run.branch = number
-        # The replayed reductions are rewritten as the new branch's rows.
-        save_in(tx, state, rewrite=True)
-        # The resumed job takes values from to_step on; the abandoned branch's leases end.
-        run.leased_until = change.to_step + 1
-        # A job resumed from a checkpoint is not finished, whatever it said before.
-        run.finished = False
-        run.version += 1
-        run.values_version += 1
-        record = {
-            "n": number,
-            "key": change.key,
-            "to_step": change.to_step,
-            "from_step": from_step,
-            "note": change.note,
-            "reports_set_aside": moved,
-            "at": tx.now,
-        }
-        rewinds.append(record)
-        run.rewinds = dumps(rewinds)
-        tx.add_event(
-            "rewound",
-            change.to_step,
-            {**{k: v for k, v in record.items() if k != "at"}, "version": run.version},
-        )
-        tx.save()
-        return run, True
-
-
-def extend_lease(
-    store: Store, run_id: str, until: int, count: int = 1, max_work: int | None = None
-) -> RunRecord:
-    """Record that values up to ``until`` (exclusive) are being handed out (rounded up to the
-    lease grain); changes from an earlier step are refused from now on. With ``max_work``,
-    the ``count`` steps before ``until`` are checked against the work limits first: a
-    window that will be refused leases nothing."""
-    with store.transaction(run_id) as tx:
-        if tx is None:
-            raise RunNotFound(run_id)
-        run = tx.run
-        if max_work is not None:
-            schedule = compile_run(run.spec, run.amendments)
-            what = "this window" if count > 1 else "one step"
-            if count > 1:
-                check_values(sum(len(f) for f in schedule.fields.values()), count, what)
-            check_work(schedule, until - count, count, max_work, what, window=count > 1)
-        if until > run.leased_until:
-            run.leased_until = lease_end(until)
-            tx.save_lease()
-        return run
-
-
-def _heartbeat(store: Store, run_id: str, rank: int, step: int | None, finished: bool) -> RunRecord:
-    run = store.get_run(run_id)
-    if run is None:
-        raise RunNotFound(run_id)
-    check_rank(compile_spec(run.spec), rank)
-    record = store.heartbeat(run_id, utcnow(), step, finished)
-    if record is None:
-        raise RunNotFound(run_id)
-    return read_state(store, record)
-
-
-def delete_run(store: Store, run_id: str) -> None:
-    if not store.delete_run(run_id):
-        raise RunNotFound(run_id)
-
-
-# -- dry runs ----------------------------------------------------------------------------
-
-
-class _RolledBack(Exception):
-    """Ends a dry run's transaction: the store rolls back everything it wrote."""
-
-    def __init__(self, before: RunRecord, after: RunRecord) -> None:
-        super().__init__("dry run")
-        self.before = before
-        self.after = after
-
-
-class _DryRunStore:
-    """A store whose write transactions always roll back (the one method a change uses)."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    @contextmanager
-    def transaction(self, run_id: str) -> Iterator[RunTx | None]:
-        with self._store.transaction(run_id) as tx:
-            if tx is not None:
-                load_in(tx)  # both records carry their state read inside the transaction
-            before = None if tx is None else dataclasses.replace(tx.run)
-            yield tx
-            if tx is not None and before is not None:
-                raise _RolledBack(before, tx.run)
-
-
-@dataclass(frozen=True)
-class OverrideWithdrawal:
-    """Withdraw override ``n`` from ``from_step`` (``None``: the earliest guaranteed step)."""
-
-    n: int
-    from_step: int | None = None
-
-
-Change = OverrideChange | OverrideWithdrawal | AmendmentChange | RewindChange
-"""The operator changes of a live run (a dry run takes any of them)."""
-
-
-def _transaction_of(change: Change) -> Callable[[Store, str], object]:
-    """The transaction that makes ``change`` (its store and run id still to give)."""
-    if isinstance(change, OverrideChange):
-        return lambda store, run_id: add_override(store, run_id, change)
-    if isinstance(change, OverrideWithdrawal):
-        return lambda store, run_id: remove_override(store, run_id, change.n, change.from_step)
-    if isinstance(change, AmendmentChange):
-        return lambda store, run_id: add_amendment(store, run_id, change)
-    return lambda store, run_id: rewind(store, run_id, change)
-
-
-def dry_run(
-    store: Store, run_id: str, change: Callable[[Store, str], object]
-) -> tuple[RunRecord, RunRecord]:
-    """``(before, after)``: the run as stored and as ``change`` (one of the transactions
-    above, its other arguments bound) would leave it. The change runs exactly as it would,
-    checks and refusals included, in a transaction that is then rolled back: nothing it wrote
-    is kept."""
-    try:
-        change(cast(Store, _DryRunStore(store)), run_id)
-    except _RolledBack as done:
-        return done.before, done.after
-    raise AssertionError("a change writes in exactly one transaction")
-
-
-def sample(
-    window: Callable[[int, int], Values], start: int, stop: int, points: int | None
-) -> Sampled:
-    """Every step of ``[start, stop)``, or at most about ``points`` of them (min/max per
-    bucket, so no change point is smoothed away)."""
-    if points is None:
-        values = window(start, stop - start)
-        groups = {g: {f: v.tolist() for f, v in fs.items()} for g, fs in values.items()}
-        return Sampled(stop - start, None, groups)
-    steps, groups = decimate(window, start, stop, points, MAX_WINDOW_VALUES)
-    return Sampled(len(steps), steps, groups)
-
-
-async def preview(
-    spec: ScheduleSpec,
-    start: int,
-    count: int | None,
-    points: int | None,
-    stop: int | None,
-    max_span: int,
-    max_work: int = WORK_BUDGET,
-) -> Sampled:
-    """A spec's values without a run: ``count`` steps from ``start`` (default 100), or about
-    ``points`` steps of ``[start, stop)`` (a span of at most ``max_span``)."""
-    if points is not None and count is not None:
-        raise InvalidArgument(("points",), "give either count or points with stop")
-    if stop is not None and points is None:
-        raise InvalidArgument(("points",), "stop needs points")
-    if points is not None and stop is None:
-        raise InvalidArgument(("stop",), "points needs stop")
-    program = await to_thread.run_sync(Program, spec)
-    # A preview is asked once, for its own span: the spec is held to that span only.
-    end = stop if stop is not None else start + (count if count is not None else 100)
-    check_spec_limits(program, max_work, horizon=max(end, 1))
-    state = program.initial_state()
-
-    def window(a: int, n: int) -> Values:
-        return program.evaluate(state, start=a, count=n)
-
-    if points is not None:
-        assert stop is not None
-        check_span(start, stop, max_span)
-        check_work(program, start, stop - start, max_work, "this preview")
-        return await heavy(sample, window, start, stop, points)
-    n = 100 if count is None else count
-    check_values(program.series, n, "this preview")
-    check_work(program, start, n, max_work, "this preview", window=True)
-    return await heavy(sample, window, start, start + n, None)
-
-
-HEAVY_SWITCH_INTERVAL = 0.0002
-"""``sys.setswitchinterval`` once a :func:`heavy` thread has started (see ``_lower_priority``)."""
-
-
-def _lower_priority() -> None:
-    # Linux gives each thread its own nice value (PRIO_PROCESS, 0 is the calling thread):
-    # on a busy machine the event loop's thread is scheduled before an evaluation's.
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, 0, 10)
-    # Once evaluations compete with the event loop for the GIL, the loop waits at most
-    # 0.2 ms for it. The wait is paid again at every point a request releases the GIL (each
-    # socket operation, each SQLite call): at Python's default, 5 ms, a GET lr beside a history
-    # read took tens of ms; at 1 ms its p99 was 6-7 ms, at 0.2 ms 5 ms, with the history read
-    # no slower (bench/bench_history.py, docs/benchmarks.md).
-    sys.setswitchinterval(min(sys.getswitchinterval(), HEAVY_SWITCH_INTERVAL))
-
-
-_HEAVY_POOL = ThreadPoolExecutor(
-    MAX_HEAVY, thread_name_prefix="lrserve-heavy", initializer=_lower_priority
-)
-"""Expensive evaluations: ``MAX_HEAVY`` threads of lower priority; the others queue."""
-
-
-async def heavy(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in one of the ``MAX_HEAVY`` evaluation threads (an expensive window,
-    curve or preview): the event loop (and ``/healthz``) never waits on it, and at most
-    ``MAX_HEAVY`` such evaluations hold memory at once."""
-    return await asyncio.get_running_loop().run_in_executor(_HEAVY_POOL, partial(fn, *args))
-
-
-async def _evaluate(work: int, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` inline when ``work`` is small (the hot path), else in :func:`heavy`."""
-    if work <= INLINE_WORK:
-        return fn(*args)
-    return await heavy(fn, *args)
-
-
-def check_span(start: int, stop: int, max_span: int) -> None:
-    if stop <= start:
-        raise InvalidArgument(("stop",), f"stop ({stop}) must be greater than start ({start})")
-    if stop - start > max_span:
-        raise InvalidArgument(
-            ("stop",), f"a curve spans at most {max_span} steps (asked {stop - start})"
-        )
-
-
-# -- the application service -------------------------------------------------------------
 
 SAFETY_POLL_SECONDS = 0.25
 """How often a waiting report on SQLite reads the database (see ``Runs._wait_for_step``)."""
@@ -1102,7 +221,7 @@ class Runs:
     async def heartbeat(self, run_id: str, rank: int, step: int | None, finished: bool) -> Run:
         """Record that a trainer is alive (and, with ``finished``, done); the run's
         ``version`` does not change (trainers' cached windows stay valid)."""
-        record = await self._write(_heartbeat, self.store, run_id, rank, step, finished)
+        record = await self._write(heartbeat, self.store, run_id, rank, step, finished)
         return self._of(record)
 
     async def pulse(self, run_id: str) -> RunPulse | None:
@@ -1529,6 +648,24 @@ class Runs:
         return await to_thread.run_sync(range_test_curve, self.store, run_id)
 
 
+def _transaction_of(change: Change) -> Callable[[Store, str], object]:
+    """The transaction that makes ``change`` (its store and run id still to give)."""
+    if isinstance(change, OverrideChange):
+        return lambda store, run_id: add_override(store, run_id, change)
+    if isinstance(change, OverrideWithdrawal):
+        return lambda store, run_id: remove_override(store, run_id, change.n, change.from_step)
+    if isinstance(change, AmendmentChange):
+        return lambda store, run_id: add_amendment(store, run_id, change)
+    return lambda store, run_id: rewind(store, run_id, change)
+
+
+async def _evaluate(work: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` inline when ``work`` is small (the hot path), else in :func:`heavy`."""
+    if work <= INLINE_WORK:
+        return fn(*args)
+    return await heavy(fn, *args)
+
+
 def _same(history: MetricHistory) -> MetricHistory:
     return history
 
@@ -1581,6 +718,10 @@ def _number(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+# Re-exported: what callers imported from here before the run layer was split into modules
+# (the domain values of views.py, the transactions, the preview), so bench/ and older code
+# keep working; new code imports each from the module that defines it. RunPulse, RunQuery and
+# RunSummary are the repository's: the routers, which may not import it, take them from here.
 __all__ = [
     "BLOCK",
     "Change",

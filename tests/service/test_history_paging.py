@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.runs.service import report
+from service.runs.transactions import report
 from service.store import open_store
 from tests.conftest import ServerProcess
 from tests.service.helpers import new_id

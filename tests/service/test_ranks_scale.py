@@ -25,7 +25,7 @@ import torch
 
 from service.runs.model import RunSpec
 from service.runs.service import Runs
-from service.runs.service import report as report_to_store
+from service.runs.transactions import report as report_to_store
 from service.store import open_store
 from tests.conftest import ServerProcess, postgres_database, start_server
 from tests.service.helpers import close, new_id, plateau_spec

@@ -20,8 +20,9 @@ import torch
 
 from service.runs.model import RewindChange, RunSpec
 from service.runs.repository import Store
-from service.runs.service import Runs, report
+from service.runs.service import Runs
 from service.runs.states import LOGS, read_state
+from service.runs.transactions import report
 from service.store import open_store
 from tests.conftest import postgres_database
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from service.runs import service as runs
+from service.runs import transactions
 from service.runs.model import RunSpec
 from service.runs.repository import ReportRow, utcnow
 from service.store import open_store
@@ -42,7 +42,7 @@ def test_failed_transaction_writes_nothing(db_url: str) -> None:
     store = open_store(db_url)
     store.migrate()
     rid = new_id()
-    runs.create_run(store, rid, RunSpec.model_validate(plateau_spec()))
+    transactions.create_run(store, rid, RunSpec.model_validate(plateau_spec()))
     with pytest.raises(RuntimeError), store.transaction(rid) as tx:
         assert tx is not None
         tx.insert_report(ReportRow(1, 0, "{}", utcnow()))
@@ -63,14 +63,14 @@ def test_concurrent_reports_serialise(db_url: str) -> None:
     store = open_store(db_url, busy_timeout_ms=30_000)
     store.migrate()
     rid = new_id()
-    runs.create_run(store, rid, RunSpec.model_validate(plateau_spec(world_size=4)))
+    transactions.create_run(store, rid, RunSpec.model_validate(plateau_spec(world_size=4)))
     errors: list[BaseException] = []
 
     def rank(r: int) -> None:
         try:
             for step in range(10):
-                runs.report(store, rid, step, r, {"val_loss": 1.0 + r})
-                runs.report(store, rid, step, r, {"val_loss": 1.0 + r})  # a retry
+                transactions.report(store, rid, step, r, {"val_loss": 1.0 + r})
+                transactions.report(store, rid, step, r, {"val_loss": 1.0 + r})  # a retry
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.runs.service import (
+from service.runs.limits import (
     MAX_SPEC_NODES,
     MAX_WINDOW_VALUES,
     check_spec_limits,

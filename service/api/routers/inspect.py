@@ -10,7 +10,8 @@ from starlette.responses import Response
 from service.api.common import LARGE_ANSWER_VALUES, RunId, etag, json_response, json_with_groups
 from service.api.deps import get_runs
 from service.api.schemas import CurveOut, EventsOut, problems
-from service.runs.service import Runs, heavy
+from service.runs.evaluation import heavy
+from service.runs.service import Runs
 from service.schedules.base import MAX_STEP
 
 router = APIRouter(prefix="/v1", tags=["inspection"])

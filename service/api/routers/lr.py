@@ -31,7 +31,7 @@ from service.api.observability import watch_cache
 from service.api.problems import validation_error
 from service.api.schemas import MAX_WINDOW, StepValuesOut, WindowOut, problems
 from service.api.window_codec import MEDIA_TYPE, encode_window, wants_binary
-from service.runs.service import heavy
+from service.runs.evaluation import heavy
 from service.runs.values import BytesLRU
 from service.schedules.base import MAX_STEP
 

@@ -23,7 +23,8 @@ from service.api.common import (
 )
 from service.api.deps import get_runs
 from service.api.schemas import MetricHistoryOut, MetricNamesOut, ReportIn, ReportOut, problems
-from service.runs.service import MetricHistory, ReportOutcome, Runs
+from service.runs.service import Runs
+from service.runs.views import MetricHistory, ReportOutcome
 
 router = APIRouter(prefix="/v1", tags=["metrics"])
 

@@ -13,7 +13,8 @@ from service.api.routers.runs import run_answer
 from service.api.routers.steering import DRY_RUN_ANSWER, DryRunQuery, dry_run_answer
 from service.api.schemas import ChangePreviewOut, OverrideIn, RunOut, problems
 from service.runs.model import OverrideChange
-from service.runs.service import OverrideWithdrawal, Runs
+from service.runs.service import Runs
+from service.runs.transactions import OverrideWithdrawal
 from service.schedules.base import MAX_STEP
 
 router = APIRouter(prefix="/v1", tags=["control"])

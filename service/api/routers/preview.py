@@ -10,8 +10,8 @@ from starlette.responses import Response
 from service.api.common import LARGE_ANSWER_VALUES, json_with_groups
 from service.api.deps import settings_of
 from service.api.schemas import PreviewIn, PreviewOut, problems
-from service.runs import service as runs
-from service.runs.service import heavy
+from service.runs import evaluation
+from service.runs.evaluation import heavy
 
 router = APIRouter(prefix="/v1", tags=["schedules"])
 
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1", tags=["schedules"])
     responses=problems(401, 403, 413, 415, 422),
 )
 async def preview(body: PreviewIn, request: Request) -> Response:
-    sampled = await runs.preview(
+    sampled = await evaluation.preview(
         body.schedule_spec(),
         body.start,
         body.count,

@@ -17,7 +17,8 @@ from service.api.problems import validation_error
 from service.api.schemas import HeartbeatIn, RunListOut, RunOut, problems
 from service.runs.listing import STATUSES
 from service.runs.model import RunSpec
-from service.runs.service import Run, RunQuery, Runs, RunSummary
+from service.runs.service import RunQuery, Runs, RunSummary
+from service.runs.views import Run
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 _ID = re.compile(RUN_ID_PATTERN)

@@ -13,7 +13,9 @@ from service.api.deps import get_runs
 from service.api.routers.runs import run_answer
 from service.api.schemas import AmendmentIn, ChangePreviewOut, RewindIn, RunOut, problems
 from service.runs.model import AmendmentChange, RewindChange
-from service.runs.service import Change, CurveValues, Runs
+from service.runs.service import Runs
+from service.runs.transactions import Change
+from service.runs.views import CurveValues
 from service.schedules.base import MAX_STEP
 
 router = APIRouter(prefix="/v1", tags=["control"])
