@@ -49,7 +49,7 @@ from service.runs.repository import (
     StoreBusy,
     WouldBlock,
 )
-from service.runs.states import full_state
+from service.runs.states import INLINE_ROWS, TooManyRows, full_state
 from service.runs.timeline import Timeline
 from service.runs.transactions import (
     Change,
@@ -126,6 +126,8 @@ class Runs:
         self.max_curve_span = max_curve_span
         self.max_work = max_work
         self.idle_after = idle_after
+        self.inline_rows = INLINE_ROWS
+        """Most reduction rows a read on the event loop parses (more: a worker thread)."""
         """Seconds without a report or heartbeat after which a run is ``idle``."""
         self._derived = False
         self._deriving = anyio.Lock()
@@ -174,7 +176,12 @@ class Runs:
         return self._of(record), created
 
     async def get(self, run_id: str) -> Run:
-        record = await self._read(read_run, self.store, run_id)
+        try:
+            record = await self._read(read_run, self.store, run_id, self.inline_rows)
+        except TooManyRows:
+            # The first read of a run with many reductions in this process (a SQLite read
+            # runs on the event loop: every row parsed there would stall every request).
+            record = await to_thread.run_sync(read_run, self.store, run_id)
         if record is None:
             raise RunNotFound(run_id)
         return self._of(record)

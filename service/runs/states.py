@@ -90,10 +90,18 @@ LOGS: BytesLRU[list[dict[str, Any]]] = BytesLRU(LOG_CACHE_BYTES, LOG_CACHE_BYTES
 
 _READ_ATTEMPTS = 5
 
+INLINE_ROWS = 4096
+"""A read on the event loop parses at most this many reduction rows (about 0.1 s); a run whose
+copy in this process is further behind is read in a worker thread (:class:`TooManyRows`)."""
+
 
 class StateNotLoaded(RuntimeError):
     """A run record's state was used before its reductions were read (a bug of the caller:
     read the run with :func:`read_state` or :func:`load_in`)."""
+
+
+class TooManyRows(Exception):
+    """The read would parse more reduction rows than it was allowed (nothing was read)."""
 
 
 class _Changed(Exception):
@@ -133,6 +141,7 @@ def _resolve(
     record: RunRecord,
     read_rows: Callable[[str, int, int, int], list[str]],
     keep: Callable[[tuple[str, str, int, str], list[dict[str, Any]]], None],
+    max_rows: int | None = None,
 ) -> dict[str, Any]:
     head = parse_state(record.state)
     paths = [path for path, node in head.items() if _stored_count(node) is not None]
@@ -149,6 +158,8 @@ def _resolve(
             log = kept if len(kept) == count else kept[:count]
         else:
             start = 0 if kept is None else len(kept)
+            if max_rows is not None and count - start > max_rows:
+                raise TooManyRows(count - start)
             rows = read_rows(path, record.branch, start, count)
             if len(rows) != count - start:
                 raise _Changed
@@ -188,18 +199,19 @@ class _CommittedRows:
         self.pending.append((key, log))
 
 
-def read_state(store: Store, record: RunRecord) -> RunRecord:
+def read_state(store: Store, record: RunRecord, max_rows: int | None = None) -> RunRecord:
     """``record`` (read outside a transaction) with its whole state read: ``record.loaded``.
 
     Its reductions' rows are read by a second query, so the run may have changed in between
     (rewound, deleted and created again): then the run is read again and the one returned is
     the newer record (a reduction in between is no change: it only appends rows after the
-    head's count). Raises :class:`StoreBusy` if it keeps changing, :class:`_Changed` never.
+    head's count). Raises :class:`StoreBusy` if it keeps changing, and :class:`TooManyRows`
+    when it would parse more than ``max_rows`` rows (the caller reads in a thread instead).
     """
     for _ in range(_READ_ATTEMPTS):
         source = _CommittedRows(store, record.id)
         try:
-            _resolve(record, source.read, source.keep)
+            _resolve(record, source.read, source.keep, max_rows)
             if source.read_any:
                 # The rows are the head's if the run is the same one (not deleted and created
                 # again) now that they have been read; the branch is checked by the query.

@@ -241,10 +241,12 @@ def _reductions(state: Mapping[str, Any]) -> list[int]:
     ]
 
 
-def read_run(store: Store, run_id: str) -> RunRecord | None:
-    """The run as stored, its whole state read (``None`` when it does not exist)."""
+def read_run(store: Store, run_id: str, max_rows: int | None = None) -> RunRecord | None:
+    """The run as stored, its whole state read (``None`` when it does not exist); raises
+    :class:`~service.runs.states.TooManyRows` rather than parse more than ``max_rows``
+    reduction rows."""
     record = store.get_run(run_id)
-    return None if record is None else read_state(store, record)
+    return None if record is None else read_state(store, record, max_rows)
 
 
 def step_status(

@@ -282,3 +282,48 @@ def test_two_plateau_nodes_keep_their_own_rows(store: Store) -> None:
     assert all(rows) and len(rows[0]) != len(rows[1])
     LOGS.clear()
     assert_torch(served(Runs(store), "two", 61), expected)
+
+
+def test_a_long_cold_read_leaves_the_event_loop(tmp_path: Path) -> None:
+    """SQLite reads run on the event loop; parsing every row of a run with many reductions
+    there would stall every other request, so such a read goes to a worker thread."""
+    import threading
+
+    store = open_store(f"sqlite:///{tmp_path / 'cold.db'}")
+    store.migrate()
+    LOGS.clear()
+    try:
+        runs = Runs(store)
+        runs.inline_rows = 20
+        asyncio.run(runs.create("r", spec()))
+        losses = worse(40)
+        report_all(runs, "r", losses)
+        read_rows = store.reductions
+        on_loop: list[bool] = []
+
+        def recorded(*args: Any) -> list[str]:
+            on_loop.append(threading.current_thread() is threading.main_thread())
+            return read_rows(*args)
+
+        store.reductions = recorded  # type: ignore[method-assign]
+        LOGS.clear()  # a process that has not read the run yet: 39 rows to parse
+        run = asyncio.run(runs.get("r"))
+        assert on_loop == [False]
+        assert len(run.state[PATH]["reductions"]) == 39
+        report_all(runs, "r", worse(10, start=100), first=40)
+        on_loop.clear()
+        LOGS.clear()
+        run = asyncio.run(runs.get("r"))
+        assert on_loop == [False]
+        # A copy 10 rows behind (within the limit) is brought up to date on the loop.
+        record = store.get_run("r")
+        assert record is not None
+        key = ("r", record.created_at, 0, PATH)
+        LOGS.put(key, list(run.state[PATH]["reductions"][:39]), 1)
+        on_loop.clear()
+        assert len(asyncio.run(runs.get("r")).state[PATH]["reductions"]) == 49
+        assert on_loop == [True]
+        store.reductions = read_rows  # type: ignore[method-assign]
+        assert_torch(served(runs, "r", 51), torch_lrs(losses + worse(10, start=100)))
+    finally:
+        store.close()
