@@ -128,6 +128,8 @@ class Runs:
         self.idle_after = idle_after
         self.inline_rows = INLINE_ROWS
         """Most reduction rows a read on the event loop parses (more: a worker thread)."""
+        self._written: set[str] = set()
+        """Runs this process has written to (see :meth:`_read_before_first_write`)."""
         """Seconds without a report or heartbeat after which a run is ``idle``."""
         self._derived = False
         self._deriving = anyio.Lock()
@@ -174,6 +176,19 @@ class Runs:
         """Create a run idempotently; ``(run, created)``."""
         record, created = await self._write(create_run, self.store, run_id, spec, self.max_work)
         return self._of(record), created
+
+    async def _read_before_first_write(self, run_id: str) -> None:
+        """Read the run once before this process's first report to it, its reduction rows
+        parsed in a worker thread when there are many: a SQLite write runs on the event loop
+        inside the write lock, where parsing 10^5 rows stalled every request for seconds.
+        The write then finds them parsed (and reads only rows appended since)."""
+        if len(self._written) >= 65536:
+            self._written.clear()
+        self._written.add(run_id)
+        try:
+            await self._read(read_run, self.store, run_id, self.inline_rows)
+        except TooManyRows:
+            await to_thread.run_sync(read_run, self.store, run_id)
 
     async def get(self, run_id: str) -> Run:
         try:
@@ -346,6 +361,8 @@ class Runs:
         # write is on its way back (this process's, or another replica's NOTIFY) then wakes
         # it, instead of passing unseen and leaving it to the next poll.
         subscribed = self._subscribe(run_id) if wait > 0 else None
+        if self.store.inline_writes and run_id not in self._written:
+            await self._read_before_first_write(run_id)
         if self._group.enabled:
             result = await self._group.write(report, *args)
         else:

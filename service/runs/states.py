@@ -90,8 +90,8 @@ LOGS: BytesLRU[list[dict[str, Any]]] = BytesLRU(LOG_CACHE_BYTES, LOG_CACHE_BYTES
 
 _READ_ATTEMPTS = 5
 
-INLINE_ROWS = 4096
-"""A read on the event loop parses at most this many reduction rows (about 0.1 s); a run whose
+INLINE_ROWS = 512
+"""A read on the event loop parses at most this many reduction rows (about 10 ms); a run whose
 copy in this process is further behind is read in a worker thread (:class:`TooManyRows`)."""
 
 

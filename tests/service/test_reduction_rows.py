@@ -323,7 +323,15 @@ def test_a_long_cold_read_leaves_the_event_loop(tmp_path: Path) -> None:
         on_loop.clear()
         assert len(asyncio.run(runs.get("r")).state[PATH]["reductions"]) == 49
         assert on_loop == [True]
+        # A new process's first report to the run: the rows are parsed in a thread before
+        # the write, which runs on the loop and then reads none.
+        restarted = Runs(store)
+        restarted.inline_rows = 20
+        LOGS.clear()
+        on_loop.clear()
+        report_all(restarted, "r", [0.01], first=50)
+        assert on_loop == [False]
         store.reductions = read_rows  # type: ignore[method-assign]
-        assert_torch(served(runs, "r", 51), torch_lrs(losses + worse(10, start=100)))
+        assert_torch(served(runs, "r", 52), torch_lrs(losses + worse(10, start=100) + [0.01]))
     finally:
         store.close()
