@@ -29,7 +29,7 @@ import psycopg
 import psycopg.errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from service.runs.repository import RunRecord, StoreBusy, StoreError, StoreFault
+from service.runs.repository import StoreBusy, StoreError, StoreFault
 from service.store.sql import SqlStore
 
 MIGRATION_LOCK_KEY = 0x6C72_7365  # "lrse": one advisory lock id for schema migrations
@@ -327,32 +327,6 @@ class PostgresStore(SqlStore):
                 "PostgreSQL is read-only (a standby, or default_transaction_read_only is on): "
                 "point LRSERVE_DATABASE at the primary"
             )
-
-    def insert_run_if_absent(self, conn: Any, record: RunRecord) -> bool:
-        cur = conn.execute(
-            "INSERT INTO runs (id, spec, state, overrides, version, step, completed_step, "
-            "event_seq, created_at, updated_at, horizon, tags, search, metadata, metric_names) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (id) DO NOTHING",
-            (
-                record.id,
-                record.spec,
-                record.state,
-                record.overrides,
-                record.version,
-                record.step,
-                record.completed_step,
-                record.event_seq,
-                record.created_at,
-                record.updated_at,
-                record.horizon,
-                record.tags,
-                record.search,
-                record.metadata,
-                record.metric_names,
-            ),
-        )
-        return bool(cur.rowcount)
 
     def migrate(self) -> None:
         """Migrate under the advisory lock; :class:`StoreFault` for a database that is not

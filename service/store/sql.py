@@ -439,9 +439,34 @@ class SqlStore(ABC):
             (run_id, seq, type, step, utcnow() if at is None else at, dumps(data), branch),
         )
 
-    @abstractmethod
     def insert_run_if_absent(self, conn: Any, record: RunRecord) -> bool:
         """Insert the row unless the id exists; True when inserted."""
+        cur = conn.execute(
+            self.q(
+                "INSERT INTO runs (id, spec, state, overrides, version, step, completed_step, "
+                "event_seq, created_at, updated_at, horizon, tags, search, metadata, "
+                "metric_names) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING"
+            ),
+            (
+                record.id,
+                record.spec,
+                record.state,
+                record.overrides,
+                record.version,
+                record.step,
+                record.completed_step,
+                record.event_seq,
+                record.created_at,
+                record.updated_at,
+                record.horizon,
+                record.tags,
+                record.search,
+                record.metadata,
+                record.metric_names,
+            ),
+        )
+        return bool(cur.rowcount)
 
     def create_run(self, record: RunRecord, event_data: dict[str, Any]) -> tuple[RunRecord, bool]:
         with self.errors(), self.write_conn() as conn:

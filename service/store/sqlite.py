@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
-from service.runs.repository import RunRecord, StoreBusy, StoreError, StoreFault, WouldBlock
+from service.runs.repository import StoreBusy, StoreError, StoreFault, WouldBlock
 from service.store.sql import RUN_COLUMNS, SqlStore, SqlTx, record_of
 
 _BUSY_MARKERS = ("locked", "busy")
@@ -344,32 +344,6 @@ class SqliteStore(SqlStore):
         if row is None:
             return False, None
         return True, None if row[0] is None else int(row[0])
-
-    def insert_run_if_absent(self, conn: Any, record: RunRecord) -> bool:
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO runs (id, spec, state, overrides, version, step, "
-            "completed_step, event_seq, created_at, updated_at, horizon, tags, search, metadata, "
-            "metric_names) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.id,
-                record.spec,
-                record.state,
-                record.overrides,
-                record.version,
-                record.step,
-                record.completed_step,
-                record.event_seq,
-                record.created_at,
-                record.updated_at,
-                record.horizon,
-                record.tags,
-                record.search,
-                record.metadata,
-                record.metric_names,
-            ),
-        )
-        return bool(cur.rowcount)
 
     def migrate(self) -> None:
         """Switch the file to WAL and migrate it; :class:`StoreFault` when the file cannot be
