@@ -21,7 +21,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from types import TracebackType
@@ -412,6 +412,40 @@ _COMPLETED_STEP = "SELECT completed_step FROM runs WHERE id = ?"
 _LOCK_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"
 
 
+def _roll_back(store: SqliteStore, conn: sqlite3.Connection | None) -> None:
+    """Roll back ``conn``'s open transaction, if any, and release the process's write lock."""
+    try:
+        if conn is not None and conn.in_transaction:
+            conn.execute("ROLLBACK")
+    finally:
+        store._write_lock.release()
+
+
+def _commit(
+    store: SqliteStore,
+    conn: sqlite3.Connection,
+    nowait: bool,
+    writes: int,
+    committed: list[Callable[[], None]],
+    abort: Callable[[], None],
+) -> None:
+    """COMMIT a transaction of ``writes`` writes and release the write lock, then what waits
+    on the commit (the inline writes' checkpoint count, ``committed``'s callbacks); a failed
+    COMMIT is ``abort``-ed and raised as the store's error."""
+    try:
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        abort()
+        if isinstance(exc, sqlite3.DatabaseError):
+            raise store._translate(exc) from exc
+        raise
+    store._write_lock.release()
+    if nowait:
+        store._after_inline_commit(writes)
+    for callback in committed:
+        callback()
+
+
 class _Transaction:
     """``SqliteStore.transaction``: the run locked (BEGIN IMMEDIATE) and read; commit on a
     clean exit, roll back otherwise; driver errors become the store's errors."""
@@ -471,12 +505,7 @@ class _Transaction:
                 conn.execute("RELEASE lrserve_write")
 
     def _abort(self) -> None:
-        try:
-            conn = getattr(self, "_conn", None)
-            if conn is not None and conn.in_transaction:
-                conn.execute("ROLLBACK")
-        finally:
-            self._store._write_lock.release()
+        _roll_back(self._store, getattr(self, "_conn", None))
 
     def __exit__(
         self,
@@ -503,19 +532,8 @@ class _Transaction:
                 raise store._translate(exc) from exc
             return
         if exc is None:
-            try:
-                self._conn.execute("COMMIT")
-            except BaseException as commit_exc:
-                self._abort()
-                if isinstance(commit_exc, sqlite3.DatabaseError):
-                    raise store._translate(commit_exc) from commit_exc
-                raise
-            store._write_lock.release()
-            if self._nowait:
-                store._after_inline_commit()
-            if self._tx is not None:
-                for callback in self._tx.committed:
-                    callback()
+            committed = [] if self._tx is None else self._tx.committed
+            _commit(store, self._conn, self._nowait, 1, committed, self._abort)
             return
         self._abort()
         if isinstance(exc, sqlite3.DatabaseError):
@@ -548,12 +566,7 @@ class _Group:
     def _abort(self) -> None:
         self._store._local.group = None
         self._store._local.committed = []
-        try:
-            conn = getattr(self, "_conn", None)
-            if conn is not None and conn.in_transaction:
-                conn.execute("ROLLBACK")
-        finally:
-            self._store._write_lock.release()
+        _roll_back(self._store, getattr(self, "_conn", None))
 
     def __exit__(
         self,
@@ -564,19 +577,8 @@ class _Group:
         store = self._store
         if exc is None:
             store._local.group = None
-            try:
-                self._conn.execute("COMMIT")
-            except BaseException as commit_exc:
-                self._abort()
-                if isinstance(commit_exc, sqlite3.DatabaseError):
-                    raise store._translate(commit_exc) from commit_exc
-                raise
-            store._write_lock.release()
-            if self._nowait:
-                store._after_inline_commit(self._writes)
             committed, store._local.committed = store._local.committed, []
-            for callback in committed:
-                callback()
+            _commit(store, self._conn, self._nowait, self._writes, committed, self._abort)
             return
         self._abort()
         if isinstance(exc, sqlite3.DatabaseError):
