@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,9 +101,12 @@ def run(rank: int, cfg: dict[str, Any]) -> None:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        cfg["init"] = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    # A file store, not tcp://: rank 0 would host a TCPStore, and a rank still tearing its
+    # process group down when rank 0 exits aborts in torch (chief_metrics_script.py), after
+    # the test's work is all done; a free port taken between the probe and the bind also failed.
+    store = Path(cfg["out"]).parent / "dist-init"
+    store.unlink(missing_ok=True)
+    cfg["init"] = f"file://{store}"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.multiprocessing.spawn(run, args=(cfg,), nprocs=int(cfg["world_size"]), join=True)
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,9 +125,12 @@ def main() -> None:
     if world == 1:
         train(0, cfg)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        cfg["init"] = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    # A file store, not tcp://: rank 0 would host a TCPStore, and a rank still tearing its
+    # process group down when rank 0 exits aborts in torch (chief_metrics_script.py), after
+    # the test's work is all done; a free port taken between the probe and the bind also failed.
+    store = Path(cfg["out"]).parent / "dist-init"
+    store.unlink(missing_ok=True)
+    cfg["init"] = f"file://{store}"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.multiprocessing.spawn(train, args=(cfg,), nprocs=world, join=True)
 
