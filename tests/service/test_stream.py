@@ -32,7 +32,13 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp(f"stream-{request.param}")
-    env = {"LRSERVE_STREAM_KEEPALIVE_SECONDS": str(KEEPALIVE)}
+    env = {
+        "LRSERVE_STREAM_KEEPALIVE_SECONDS": str(KEEPALIVE),
+        # The tests' client sits idle while a stream waits for its keep-alive (4 s and more on
+        # a loaded machine): with uvicorn's 5 s, the server closed that connection just as the
+        # client sent its next request on it ("Server disconnected without sending a response").
+        "LRSERVE_KEEP_ALIVE_TIMEOUT": "60",
+    }
     kwargs: dict[str, Any] = {"token": "rw", "read_token": "ro", "env": env}
     if request.param == "sqlite":
         srv = start_server(tmp, f"sqlite:///{tmp / 'lrserve.db'}", **kwargs)
