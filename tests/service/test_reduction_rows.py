@@ -11,7 +11,9 @@ again under its id is never read with the other run's rows.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,24 @@ def assert_torch(got: list[list[float]], want: list[list[float]]) -> None:
             assert abs(x - y) <= 1e-12 * abs(y), (step, a, b)
 
 
+@contextmanager
+def row_reads(store: Store) -> Iterator[list[tuple[tuple[Any, ...], bool]]]:
+    """Every ``store.reductions`` call in the block: its arguments, and whether it ran on the
+    main thread (where ``asyncio.run`` runs the event loop). The real store answers it."""
+    calls: list[tuple[tuple[Any, ...], bool]] = []
+    read_rows = store.reductions
+
+    def recorded(*args: Any) -> list[str]:
+        calls.append((args, threading.current_thread() is threading.main_thread()))
+        return read_rows(*args)
+
+    store.reductions = recorded  # type: ignore[method-assign, assignment]
+    try:
+        yield calls
+    finally:
+        store.reductions = read_rows  # type: ignore[method-assign]
+
+
 def stored_rows(store: Store, run_id: str, branch: int = 0) -> list[str]:
     return store.reductions(run_id, PATH, branch, 0, 1 << 40)
 
@@ -142,20 +162,12 @@ def test_a_short_cached_copy_reads_only_the_rows_after_it(store: Store) -> None:
     # Another process's copy, as it was before the writer's last 29 reductions.
     LOGS.clear()
     LOGS.put(key, kept, 1)
-    reads: list[tuple[Any, ...]] = []
-    read_rows = store.reductions
-
-    def recorded(*args: Any) -> list[str]:
-        reads.append(args)
-        return read_rows(*args)
-
-    store.reductions = recorded  # type: ignore[method-assign]
-    record = store.get_run("r")
-    assert record is not None
-    record = read_state(store, record)
-    assert reads == [("r", PATH, 0, 50, 79)]
+    with row_reads(store) as reads:
+        record = store.get_run("r")
+        assert record is not None
+        record = read_state(store, record)
+    assert [args for args, _ in reads] == [("r", PATH, 0, 50, 79)]
     assert record.loaded is not None and len(record.loaded[PATH]["reductions"]) == 79
-    store.reductions = read_rows  # type: ignore[method-assign]
     assert_torch(served(Runs(store), "r", 81), torch_lrs(losses))
 
 
@@ -287,8 +299,6 @@ def test_two_plateau_nodes_keep_their_own_rows(store: Store) -> None:
 def test_a_long_cold_read_leaves_the_event_loop(tmp_path: Path) -> None:
     """SQLite reads run on the event loop; parsing every row of a run with many reductions
     there would stall every other request, so such a read goes to a worker thread."""
-    import threading
-
     store = open_store(f"sqlite:///{tmp_path / 'cold.db'}")
     store.migrate()
     LOGS.clear()
@@ -298,40 +308,32 @@ def test_a_long_cold_read_leaves_the_event_loop(tmp_path: Path) -> None:
         asyncio.run(runs.create("r", spec()))
         losses = worse(40)
         report_all(runs, "r", losses)
-        read_rows = store.reductions
-        on_loop: list[bool] = []
-
-        def recorded(*args: Any) -> list[str]:
-            on_loop.append(threading.current_thread() is threading.main_thread())
-            return read_rows(*args)
-
-        store.reductions = recorded  # type: ignore[method-assign]
-        LOGS.clear()  # a process that has not read the run yet: 39 rows to parse
-        run = asyncio.run(runs.get("r"))
-        assert on_loop == [False]
-        assert len(run.state[PATH]["reductions"]) == 39
-        report_all(runs, "r", worse(10, start=100), first=40)
-        on_loop.clear()
-        LOGS.clear()
-        run = asyncio.run(runs.get("r"))
-        assert on_loop == [False]
-        # A copy 10 rows behind (within the limit) is brought up to date on the loop.
-        record = store.get_run("r")
-        assert record is not None
-        key = ("r", record.created_at, 0, PATH)
-        LOGS.put(key, list(run.state[PATH]["reductions"][:39]), 1)
-        on_loop.clear()
-        assert len(asyncio.run(runs.get("r")).state[PATH]["reductions"]) == 49
-        assert on_loop == [True]
-        # A new process's first report to the run: the rows are parsed in a thread before
-        # the write, which runs on the loop and then reads none.
-        restarted = Runs(store)
-        restarted.inline_rows = 20
-        LOGS.clear()
-        on_loop.clear()
-        report_all(restarted, "r", [0.01], first=50)
-        assert on_loop == [False]
-        store.reductions = read_rows  # type: ignore[method-assign]
+        with row_reads(store) as reads:
+            LOGS.clear()  # a process that has not read the run yet: 39 rows to parse
+            run = asyncio.run(runs.get("r"))
+            assert [on_loop for _, on_loop in reads] == [False]
+            assert len(run.state[PATH]["reductions"]) == 39
+            report_all(runs, "r", worse(10, start=100), first=40)
+            reads.clear()
+            LOGS.clear()
+            run = asyncio.run(runs.get("r"))
+            assert [on_loop for _, on_loop in reads] == [False]
+            # A copy 10 rows behind (within the limit) is brought up to date on the loop.
+            record = store.get_run("r")
+            assert record is not None
+            key = ("r", record.created_at, 0, PATH)
+            LOGS.put(key, list(run.state[PATH]["reductions"][:39]), 1)
+            reads.clear()
+            assert len(asyncio.run(runs.get("r")).state[PATH]["reductions"]) == 49
+            assert [on_loop for _, on_loop in reads] == [True]
+            # A new process's first report to the run: the rows are parsed in a thread
+            # before the write, which runs on the loop and then reads none.
+            restarted = Runs(store)
+            restarted.inline_rows = 20
+            LOGS.clear()
+            reads.clear()
+            report_all(restarted, "r", [0.01], first=50)
+            assert [on_loop for _, on_loop in reads] == [False]
         assert_torch(served(runs, "r", 52), torch_lrs(losses + worse(10, start=100) + [0.01]))
     finally:
         store.close()
