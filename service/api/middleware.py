@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import observability
 from service.api.problems import problem_response
+from service.api.protocol import ANSWERED
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _OPEN = np.zeros(256, dtype=np.int8)
@@ -114,6 +115,8 @@ class RequestMiddleware:
                 await self._dispatch(scope, receive, send_wrapper)
         finally:
             duration = time.perf_counter() - start
+            if status == 500 and ANSWERED in scope:
+                status = scope[ANSWERED]  # written past the ASGI stack (protocol.ANSWER_NOW)
             route: Any = scope.get("route")
             template = getattr(route, "path", None) or "<unmatched>"
             observability.observe_request(

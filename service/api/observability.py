@@ -46,6 +46,12 @@ ABANDONED_WAITS = Counter(
     "Waiting reports whose client went away before the step completed (the wait ended then)",
 )
 
+DELIVERED_ANSWERS = Counter(
+    "lrserve_report_waits_delivered_total",
+    "Waiting reports answered by their step's completion in the same process, written at "
+    "once in one pass (the others are answered as their wait ends)",
+)
+
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # -- caches -----------------------------------------------------------------------------------

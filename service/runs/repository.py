@@ -391,5 +391,7 @@ class Store(Protocol):
         """(exists, completed_step): the cheap read ``?wait=`` polls."""
 
     def listen(self, heard: Callable[[str, int], None]) -> bool:
-        """Call ``heard(run_id, step)`` (from another thread) whenever any replica commits a
-        completed step; False where the store has no such channel (then waits poll)."""
+        """Call ``heard(run_id, step)`` (from another thread) whenever another process (a
+        replica, a worker) commits a completed step (this store's own commits are not heard:
+        their reports wake their process's waits); False where the store has no such channel
+        (then waits poll)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
@@ -92,6 +93,22 @@ BLOCK = 1024
 """Steps per cached block for one-step reads: a block costs about what one step costs, and a
 trainer asks for step after step while every rank asks for the same one."""
 
+log = logging.getLogger("lrserve.runs")
+
+
+@dataclasses.dataclass(eq=False)
+class _Delivery:
+    """A waiting report whose answer its step's completion delivers (``Runs.report``)."""
+
+    step: int
+    rank: int
+    origin: tuple[str, int]
+    """The run's ``(created_at, branch)`` the report was written to."""
+    duplicate: bool
+    deliver: Callable[[ReportOutcome], bool]
+    delivered: ReportOutcome | None = None
+
+
 SAFETY_POLL_SECONDS = 0.25
 """How often a waiting report on SQLite reads the database (see ``Runs._wait_for_step``)."""
 
@@ -139,6 +156,11 @@ class Runs:
         self._completions: dict[str, tuple[anyio.Event, ReportResult | None]] = {}
         """Per run with waiting reports: the event its next completion in this process sets,
         and the latest such completion (what woken waiters answer with, unread)."""
+        self._polls: dict[str, tuple[float, asyncio.Future[tuple[bool, int | None]]]] = {}
+        """Per run: when its waits' latest shared poll started, and that read."""
+        self._deliveries: dict[str, dict[_Delivery, None]] = {}
+        """Per run: the waiting reports whose answers are delivered by the completion itself
+        (``deliver`` of :meth:`report`)."""
 
     # -- where calls run ------------------------------------------------------------------
 
@@ -261,6 +283,7 @@ class Runs:
     async def delete(self, run_id: str) -> None:
         await self._write(delete_run, self.store, run_id)
         # Its latest completion (a run record, its state) is no answer for anyone now.
+        self._polls.pop(run_id, None)
         entry = self._completions.pop(run_id, None)
         if entry is not None:
             entry[0].set()  # waiters look again, and find the run gone
@@ -349,12 +372,21 @@ class Runs:
         values: Mapping[str, float | None],
         wait: float = 0.0,
         abandoned: Callable[[], Awaitable[bool]] | None = None,
+        deliver: Callable[[ReportOutcome], bool] | None = None,
     ) -> ReportOutcome:
         """Record a report; with ``wait`` (seconds), answer once the step is complete or the
         wait is over. The outcome carries every group's values at ``step + 1``.
 
         ``abandoned`` (asked before every poll of a wait) ends the wait early when it says
         True: the client went away, so nobody would read the answer.
+
+        ``deliver`` (with ``wait``): called with this report's outcome by the report of this
+        process that completes the step, right after that report's own answer is sent, for
+        every waiting report of the step in one pass; it returns whether it delivered the
+        answer (the caller then sends nothing more). A thousand waiting ranks are answered
+        in one loop instead of a thousand tasks each resuming through the HTTP stack (which
+        took longer than the answers' writes). Undelivered (``False``, an exception, a
+        completion heard from another replica, a timeout), the wait ends as without it.
         """
         args = (self.store, run_id, step, rank, values, self.max_work)
         # A waiting report subscribes before it writes: a completion that lands while its
@@ -371,6 +403,9 @@ class Runs:
             # Wake the reports of this process waiting on the run (no polling needed).
             event, _ = self._completions.pop(run_id)
             self._completions[run_id] = (anyio.Event(), result)
+            if self._deliveries.get(run_id):
+                # Queued before the waiters' wake-ups: they find their answers delivered.
+                asyncio.get_running_loop().call_soon(self._deliver, run_id, result)
             event.set()
         run, complete, ranks, decision = (
             result.run,
@@ -380,9 +415,19 @@ class Runs:
         )
         if not complete and wait > 0:
             origin = (run.created_at, run.branch)
-            status = await self._wait_for_step(
-                run_id, step, min(wait, self.max_wait_seconds), abandoned, origin, subscribed
-            )
+            delivery = None
+            if deliver is not None:
+                delivery = _Delivery(step, rank, origin, result.duplicate, deliver)
+                self._deliveries.setdefault(run_id, {})[delivery] = None
+            try:
+                status = await self._wait_for_step(
+                    run_id, step, min(wait, self.max_wait_seconds), abandoned, origin, subscribed
+                )
+            finally:
+                if delivery is not None:
+                    self._forget_delivery(run_id, delivery)
+            if delivery is not None and delivery.delivered is not None:
+                return delivery.delivered
             if status is not None:
                 run, complete, ranks, decision = status
         if complete and decision is None:
@@ -393,6 +438,27 @@ class Runs:
         woken = self._completions.get(run_id, (None, None))[1]
         if woken is not None and run is woken.run:
             source = woken
+        duplicate, completed_now = result.duplicate, result.completed_now
+        return self._outcome(
+            run_id, step, rank, run, complete, ranks, decision, source, duplicate, completed_now
+        )
+
+    def _outcome(
+        self,
+        run_id: str,
+        step: int,
+        rank: int,
+        run: RunRecord,
+        complete: bool,
+        ranks: int,
+        decision: dict[str, Any] | None,
+        source: ReportResult,
+        duplicate: bool,
+        completed_now: bool,
+    ) -> ReportOutcome:
+        """A report's answer for ``run`` as read or as ``source`` (a report's result, whose
+        parsed state and values at ``step + 1`` it uses, computing them once, when ``run`` is
+        its record)."""
         state = source.state if run is source.run else None
         groups = source.next_groups if run is source.run else None
         if groups is None:
@@ -409,10 +475,50 @@ class Runs:
             values_version=run.values_version,
             decision=decision if complete else None,
             groups=groups,
-            duplicate=result.duplicate,
-            completed_now=result.completed_now,
+            duplicate=duplicate,
+            completed_now=completed_now,
             stop=report_stop(run.spec, run.state if state is None else state, step),
         )
+
+    def _deliver(self, run_id: str, result: ReportResult) -> None:
+        """Deliver the answers of the waiting reports of ``run_id`` that ``result`` (a
+        completion by a report of this process) completes: each the outcome the report would
+        have built once woken (see :meth:`report`)."""
+        run, step, decision = result.run, result.step, result.decision
+        if decision is None:
+            return  # (a woken waiter would read the step's decision: it does)
+        origin = (run.created_at, run.branch)
+        waiting = [
+            d
+            for d in self._deliveries.get(run_id, ())
+            if d.step == step and d.origin == origin and d.delivered is None
+        ]
+        # No full collection between two answers: with a thousand connections open one takes
+        # 40-100 ms on a 2-core machine, which every rank answered after it would wait.
+        if not waiting:
+            return
+        first = waiting[0]
+        # Every waiter's answer is the first one's but for its rank (and duplicate flag).
+        answer = self._outcome(
+            run_id, step, first.rank, run, True, result.reported_ranks, decision, result,
+            first.duplicate, False,
+        )  # fmt: skip
+        with gc_paused():
+            for d in waiting:
+                outcome = answer._replace(rank=d.rank, duplicate=d.duplicate)
+                try:
+                    if d.deliver(outcome):
+                        d.delivered = outcome
+                except Exception:
+                    # Its wait ends the ordinary way: answered as it resumes.
+                    log.exception("delivering a waiting report's answer failed")
+
+    def _forget_delivery(self, run_id: str, delivery: _Delivery) -> None:
+        deliveries = self._deliveries.get(run_id)
+        if deliveries is not None:
+            deliveries.pop(delivery, None)
+            if not deliveries:
+                del self._deliveries[run_id]
 
     def _groups_at(
         self, run: RunRecord, state: dict[str, Any] | None, step: int
@@ -523,12 +629,30 @@ class Runs:
                 latest = self._completions.get(run_id, (None, None))[1]
                 if latest is not None and latest.step < step:
                     continue  # an earlier step completed here: wait on
-            exists, completed = await self._read(self.store.completed_step, run_id)
+            exists, completed = await self._polled_completion(run_id, poll / 2)
             if not exists:
                 raise RunNotFound(run_id)
             if completed is not None and completed >= step:
                 return await self._read(step_status, self.store, run_id, step)
         return None
+
+    async def _polled_completion(self, run_id: str, fresh_for: float) -> tuple[bool, int | None]:
+        """``store.completed_step(run_id)`` as the waits of a run poll it: one read shared by
+        every wait that asks within ``fresh_for`` seconds of its start (in flight or done).
+
+        A thousand ranks waiting on a step each poll, and read apart, the reads were thousands
+        a second (on PostgreSQL each one a worker thread and a round trip), which slowed the
+        step's answers when it completed; shared, a run costs a read or two per poll interval
+        whatever its ranks. A completion may be seen up to ``fresh_for`` later than by a read
+        of its own, which is why this serves the polls only (a completion in this process or
+        heard from another wakes the waits at once)."""
+        now = time.monotonic()
+        entry = self._polls.get(run_id)
+        if entry is None or now - entry[0] >= fresh_for:
+            task = asyncio.ensure_future(self._read(self.store.completed_step, run_id))
+            entry = self._polls[run_id] = (now, task)
+        # (shielded: a wait cancelled meanwhile leaves the read to the others)
+        return await asyncio.shield(entry[1])
 
     # -- values -----------------------------------------------------------------------------
 

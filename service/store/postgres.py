@@ -21,6 +21,7 @@ import contextlib
 import select
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -176,7 +177,7 @@ class PostgresStore(SqlStore):
             timeout=timeout_s,
             open=False,
             reconnect_timeout=RECONNECT_TIMEOUT_S,
-            configure=_autocommit,
+            configure=self._configure,
             kwargs={
                 # A report stuck behind a lock becomes a 503 instead of hanging forever.
                 "options": f"-c lock_timeout={int(busy_timeout_ms)} -c statement_timeout=30000",
@@ -196,6 +197,8 @@ class PostgresStore(SqlStore):
                 "client_encoding": "UTF8",
             },
         )
+        self._own_backends: dict[int, weakref.ref[psycopg.Connection[Any]]] = {}
+        """Backend process id -> this pool's connection on it (see :meth:`listen`)."""
         self.pool.open(wait=False)
         self._heard: list[Callable[[str, int], None]] = []
         self._listen_lock = threading.Lock()
@@ -342,7 +345,28 @@ class PostgresStore(SqlStore):
         # Delivered when (and only if) the report's transaction commits.
         conn.execute("SELECT pg_notify(%s, %s)", (STEPS_CHANNEL, f"{step} {run_id}"))
 
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        """Each new pool connection: autocommit, and its backend noted as this store's."""
+        _autocommit(conn)
+        backends = self._own_backends
+        for pid, ref in list(backends.items()):
+            if ref() is None:
+                backends.pop(pid, None)
+        backends[conn.info.backend_pid] = weakref.ref(conn)
+
+    def _announced_here(self, backend_pid: int) -> bool:
+        """Whether a notification came from one of this pool's open connections."""
+        ref = self._own_backends.get(backend_pid)
+        conn = ref() if ref is not None else None
+        return conn is not None and not conn.closed
+
     def listen(self, heard: Callable[[str, int], None]) -> bool:
+        """Call ``heard`` for the completions other processes commit (replicas, workers).
+
+        This store's own are not heard: the report that committed one answers the waits of
+        its process itself, with its result (``Runs.report``); heard first, the waits would
+        each read the step instead, and the completion would find none left to answer.
+        """
         with self._listen_lock:
             self._heard.append(heard)
             if self._listener is None:
@@ -363,6 +387,8 @@ class PostgresStore(SqlStore):
                     conn.execute(f"LISTEN {STEPS_CHANNEL}")
                     while not self._closing.is_set():
                         for note in conn.notifies(timeout=1.0):
+                            if self._announced_here(note.pid):
+                                continue
                             step, _, run_id = note.payload.partition(" ")
                             for heard in list(self._heard):
                                 heard(run_id, int(step))

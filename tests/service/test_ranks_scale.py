@@ -7,7 +7,8 @@ Over real HTTP on SQLite and PostgreSQL:
   override and a rewind change it;
 - ``reported_ranks`` counts ranks as they come, restarts after a rewind and after a delete;
 - reports waiting with ``?wait=`` are all answered once the last rank reports, on one
-  server and across two servers sharing one PostgreSQL database.
+  server and across two servers sharing one PostgreSQL database;
+- a PostgreSQL store hears the completions other processes commit, never its own.
 """
 
 from __future__ import annotations
@@ -305,3 +306,73 @@ def test_a_completion_heard_while_a_waiting_report_is_written_ends_its_wait(
         store.close()
     assert status is not None and status[1] is True and status[2] == 2, status
     assert elapsed < 1.0, elapsed
+
+
+@pytest.mark.postgres
+def test_a_store_hears_the_completions_of_other_processes_not_its_own() -> None:
+    """PostgreSQL: a completion's NOTIFY reaches the listener of every store on the
+    database but the one whose connection committed it (that store's process answers its
+    waits itself; heard, its waits would each read the step and leave nothing to deliver)."""
+    with postgres_database() as url:
+        here, there = open_store(url), open_store(url)
+        try:
+            here.migrate()
+            heard: dict[str, list[tuple[str, int]]] = {"here": [], "there": []}
+            assert here.listen(lambda run, step: heard["here"].append((run, step)))
+            assert there.listen(lambda run, step: heard["there"].append((run, step)))
+            time.sleep(1.5)  # (both listeners connected and LISTENing)
+            ours, theirs = new_id(), new_id()
+            for run_id in (ours, theirs):
+                store = here if run_id == ours else there
+                runs = Runs(store)
+                spec = RunSpec.model_validate(plateau_spec(world_size=1))
+                asyncio.run(runs.create(run_id, spec))
+                report_to_store(store, run_id, 0, 0, {"val_loss": 1.0})
+            assert until(lambda: (theirs, 0) in heard["here"] and (ours, 0) in heard["there"], 10)
+            time.sleep(0.5)  # (time for a wrongly heard own notification to arrive)
+            assert (ours, 0) not in heard["here"], heard
+            assert (theirs, 0) not in heard["there"], heard
+        finally:
+            here.close()
+            there.close()
+
+
+def test_the_waits_of_a_run_share_their_polls(tmp_path: Path) -> None:
+    """Waits nothing wakes (the step completed by another worker: SQLite has no channel)
+    poll the database, and the waits of one run share each poll: 40 waits over about a
+    second read ``completed_step`` a few times per poll interval, not 40 times, and are all
+    answered once the completion is polled."""
+    store = open_store(f"sqlite:///{tmp_path / 'polls.db'}")
+    store.migrate()
+    runs = Runs(store)
+    run_id = new_id()
+    ranks = 41
+    reads = 0
+    completed_step = store.completed_step
+
+    def counted(run: str) -> tuple[bool, int | None]:
+        nonlocal reads
+        reads += 1
+        return completed_step(run)
+
+    async def scenario() -> list[Any]:
+        await runs.create(run_id, RunSpec.model_validate(plateau_spec(world_size=ranks)))
+        store.completed_step = counted
+        waits = [
+            asyncio.ensure_future(runs.report(run_id, 0, rank, {"val_loss": 1.0}, wait=10))
+            for rank in range(ranks - 1)
+        ]
+        await asyncio.sleep(0.8)
+        # "Another worker" completes the step: straight to the store, nothing in this process
+        # hears of it but the polls.
+        report_to_store(store, run_id, 0, ranks - 1, {"val_loss": 1.0})
+        return list(await asyncio.wait_for(asyncio.gather(*waits), 5))
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        store.close()
+    assert all(o.complete and o.reported_ranks == ranks for o in outcomes), outcomes
+    # About 1.1 s of polling every 250 ms, a read shared for 125 ms: under 20 reads (40 waits
+    # polling apart would read over 160 times).
+    assert 1 <= reads < 20, reads

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service.api import observability
 from service.api.common import (
@@ -22,6 +24,7 @@ from service.api.common import (
     query_number,
 )
 from service.api.deps import get_runs
+from service.api.protocol import ANSWER_NOW, ANSWERED
 from service.api.schemas import MetricHistoryOut, MetricNamesOut, ReportIn, ReportOut, problems
 from service.runs.service import Runs
 from service.runs.views import MetricHistory, ReportOutcome
@@ -56,9 +59,10 @@ async def post_metrics(request: Request) -> Response:
     wait = query_number(request, "wait", 0, 300) or 0.0
     body = await parse_json_body(request, ReportIn)
     runs = await get_runs(request)
+    delivered = False
     try:
         if wait:
-            outcome = await _report_and_wait(request, runs, run_id, body, wait)
+            outcome, delivered = await _report_and_wait(request, runs, run_id, body, wait)
         else:
             outcome = await runs.report(run_id, body.step, body.rank, body.values)
     except Exception:
@@ -67,29 +71,49 @@ async def post_metrics(request: Request) -> Response:
     observability.REPORT_OUTCOMES.inc("duplicate" if outcome.duplicate else "new")
     if outcome.completed_now and outcome.decision is not None:
         observability.DECISION_OUTCOMES.inc("true" if outcome.decision.get("reduced") else "false")
-    return json_response(
-        {
-            "run": run_id,
-            "step": outcome.step,
-            "rank": outcome.rank,
-            "complete": outcome.complete,
-            "reported_ranks": outcome.reported_ranks,
-            "version": outcome.version,
-            "values_version": outcome.values_version,
-            "decision": outcome.decision,
-            "applies_from": outcome.step + 1,
-            "groups": outcome.groups,
-            "stop": outcome.stop,
-        }
-    )
+    if delivered:
+        return ALREADY_SENT
+    return JsonBytesResponse(json_bytes(_report_body(run_id, outcome)))
+
+
+def _report_body(run_id: str, outcome: ReportOutcome) -> dict[str, Any]:
+    return {
+        "run": run_id,
+        "step": outcome.step,
+        "rank": outcome.rank,
+        "complete": outcome.complete,
+        "reported_ranks": outcome.reported_ranks,
+        "version": outcome.version,
+        "values_version": outcome.values_version,
+        "decision": outcome.decision,
+        "applies_from": outcome.step + 1,
+        "groups": outcome.groups,
+        "stop": outcome.stop,
+    }
+
+
+class _AlreadySent(Response):
+    """The answer of a request whose answer was written already (``ANSWER_NOW``): nothing."""
+
+    def __init__(self) -> None:
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        return
+
+
+ALREADY_SENT = _AlreadySent()
 
 
 async def _report_and_wait(
     request: Request, runs: Runs, run_id: str, body: ReportIn, wait: float
-) -> ReportOutcome:
+) -> tuple[ReportOutcome, bool]:
     """``runs.report`` with a wait that ends when the client disconnects (an abandoned wait
     would otherwise poll the database until its deadline: 300 of them cost a quarter of a
-    core), counted in ``lrserve_report_waits`` and ``..._abandoned_total``."""
+    core), counted in ``lrserve_report_waits`` and ``..._abandoned_total``; and whether the
+    answer was delivered already, written by the protocol's ``ANSWER_NOW`` when the step's
+    completion in this process handed it over (see ``Runs.report``)."""
     gone = False
 
     async def abandoned() -> bool:
@@ -97,13 +121,26 @@ async def _report_and_wait(
         gone = await request.is_disconnected()
         return gone
 
+    answer_now: Callable[[bytes], bool] | None = request.scope.get(ANSWER_NOW)
+    deliver = None
+    if answer_now is not None:
+
+        def deliver(outcome: ReportOutcome) -> bool:
+            if not answer_now(json_bytes(_report_body(run_id, outcome))):
+                return False
+            observability.DELIVERED_ANSWERS.inc()
+            return True
+
     observability.WAITING_REPORTS.inc()
     try:
-        return await runs.report(run_id, body.step, body.rank, body.values, wait, abandoned)
+        outcome = await runs.report(
+            run_id, body.step, body.rank, body.values, wait, abandoned, deliver
+        )
     finally:
         observability.WAITING_REPORTS.dec()
         if gone:
             observability.ABANDONED_WAITS.inc()
+    return outcome, request.scope.get(ANSWERED) is not None
 
 
 MAX_HISTORY_STEPS = 100_000
