@@ -334,7 +334,11 @@ def test_a_server_with_a_token_works_once_the_token_is_typed_in(
         body = {"step": 0, "values": {"val_loss": 2.0}}
         assert c.post("/v1/runs/guarded/metrics", json=body).status_code == 200
     page.goto(srv.url + "/#guarded")
-    assert "401" in page.locator("#list-error").inner_text()  # said where the list would be
+    # Said where the list would be, once the list's request came back (a loaded machine may
+    # take a while: waited for, not read at once).
+    page.wait_for_function(
+        "document.querySelector('#list-error')?.innerText.includes('401')", timeout=20_000
+    )
     page.locator("#token").fill("s3cret-token")
     page.locator("#token").press("Enter")
     info = wait_for_charts(page, "metric:val_loss")
