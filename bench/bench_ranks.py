@@ -2,7 +2,8 @@
 
 Starts the real lrserve server (``python -m service``, default settings: SQLite, 1 worker) on a
 fresh database and drives it over HTTP with a raw asyncio client (keep-alive sockets, requests
-pre-encoded, so the client's own cost stays small next to the server's). In one run:
+pre-encoded, on uvloop when it is installed, so the client's own cost stays small next to the
+server's: this one process stands for a thousand trainers on other machines). In one run:
 
 1. **CPU per report.** The same number of reports two ways, interleaved rep by rep: 16 runs of
    ``world_size=1`` reporting step after step (the reference), and one run of ``world_size=512``
@@ -11,7 +12,9 @@ pre-encoded, so the client's own cost stays small next to the server's). In one 
 2. **Waiting ranks.** ``world_size=1024``: 1,023 ranks POST ``?wait=30`` and wait (the server's
    ``lrserve_report_waits`` gauge says when they all are), then the last rank reports. Time
    from sending the last report to the last waiting rank's complete answer; the same with one
-   waiting rank (``world_size=2``) as the reference. Aim: <= 50 ms.
+   waiting rank (``world_size=2``) as the reference. Aim: <= 50 ms. The server's and this
+   client's CPU over that time are printed too (from /proc, in 10 ms ticks): when the
+   client's is as large as the server's, the figure is the client's.
 3. **The completing report.** The same 1,024-rank step reported on one connection with nobody
    waiting: the last report's own latency (it aggregates every rank's values) against the
    median partial report's.
@@ -33,13 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = 16
+T = TypeVar("T")
 
 
 def spec(world_size: int) -> dict[str, Any]:
@@ -180,8 +185,23 @@ def waits(port: int) -> float:
     return 0.0
 
 
-async def answered(port: int, tag: str, ranks: int) -> float:
-    """ms from sending the last rank's report to the last waiting rank's complete answer."""
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop when it is installed (it is with uvicorn[standard])."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it on Linux
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+FANOUT_CPU: list[tuple[float, float]] = []
+"""(server, client) CPU ms over each 1,024-rank fan-out timed by :func:`answered`."""
+
+
+async def answered(port: int, tag: str, ranks: int, pid: int | None = None) -> float:
+    """ms from sending the last rank's report to the last waiting rank's complete answer
+    (with ``pid``, the server's: the CPU both sides used meanwhile goes to FANOUT_CPU)."""
     run_id = f"wait-{tag}-{ranks}"
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=60) as c:
@@ -214,10 +234,15 @@ async def answered(port: int, tag: str, ranks: int) -> float:
     gc.collect()
     gc.disable()
     try:
+        server0 = proc_cpu_s(pid) if pid else 0.0
+        client0 = time.process_time()
         t0 = time.perf_counter()
         status, body = await conns[-1].call(post(run_id, 0, ranks - 1, 1.0))
         assert status == 200 and json.loads(body)["complete"], body[:200]
         await asyncio.gather(*readers)
+        if pid:
+            server_ms = (proc_cpu_s(pid) - server0) * 1e3
+            FANOUT_CPU.append((server_ms, (time.process_time() - client0) * 1e3))
     finally:
         gc.enable()
     for conn in conns:
@@ -257,18 +282,19 @@ def main() -> None:
         for rep in range(args.reps):
             tag = f"r{rep}"
             point = (args.port, proc.pid, tag, args.steps, args.ranks)
-            one.append(asyncio.run(cpu_one_rank(*point)))
-            many.append(asyncio.run(cpu_many_ranks(*point)))
-            wait_one.append(asyncio.run(answered(args.port, tag, 2)))
-            wait_many.append(asyncio.run(answered(args.port, tag, args.wait_ranks)))
-            done = asyncio.run(completing(args.port, tag, args.wait_ranks))
+            one.append(run(cpu_one_rank(*point)))
+            many.append(run(cpu_many_ranks(*point)))
+            wait_one.append(run(answered(args.port, tag, 2)))
+            wait_many.append(run(answered(args.port, tag, args.wait_ranks, proc.pid)))
+            done = run(completing(args.port, tag, args.wait_ranks))
             last.append(done[0])
             partial.append(done[1])
             print(
                 f"rep {rep}: CPU/report 1 rank {one[-1]:.0f} us, {args.ranks} ranks "
                 f"{many[-1]:.0f} us ({many[-1] / one[-1]:.2f}x); all answered "
                 f"{wait_one[-1]:.1f} ms (1 waiting), {wait_many[-1]:.1f} ms "
-                f"({args.wait_ranks - 1} waiting); completing report {last[-1]:.2f} ms "
+                f"({args.wait_ranks - 1} waiting; CPU {FANOUT_CPU[-1][0]:.0f} ms server, "
+                f"{FANOUT_CPU[-1][1]:.0f} ms client); completing report {last[-1]:.2f} ms "
                 f"(partial ones {partial[-1]:.2f} ms)"
             )
         ratio = statistics.median(m / o for m, o in zip(many, one, strict=True))
