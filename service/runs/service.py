@@ -158,6 +158,8 @@ class Runs:
         and the latest such completion (what woken waiters answer with, unread)."""
         self._polls: dict[str, tuple[float, asyncio.Future[tuple[bool, int | None]]]] = {}
         """Per run: when its waits' latest shared poll started, and that read."""
+        self._statuses: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        """Per (run, step): the step's status being read for its waits."""
         self._deliveries: dict[str, dict[_Delivery, None]] = {}
         """Per run: the waiting reports whose answers are delivered by the completion itself
         (``deliver`` of :meth:`report`)."""
@@ -559,7 +561,9 @@ class Runs:
         """A replica committed ``step`` of ``run_id``: its waiters here read it."""
         entry = self._completions.get(run_id)
         if entry is not None and not (entry[1] is not None and entry[1].step >= step):
-            # No result at hand for the waiters: they read the step (once each).
+            # No result at hand for the waiters: they read the step, sharing a read that
+            # starts now (a poll read before the completion is no answer).
+            self._polls.pop(run_id, None)
             self._completions[run_id] = (anyio.Event(), None)
             entry[0].set()
 
@@ -633,7 +637,7 @@ class Runs:
             if not exists:
                 raise RunNotFound(run_id)
             if completed is not None and completed >= step:
-                return await self._read(step_status, self.store, run_id, step)
+                return await self._shared_step_status(run_id, step)
         return None
 
     async def _polled_completion(self, run_id: str, fresh_for: float) -> tuple[bool, int | None]:
@@ -653,6 +657,20 @@ class Runs:
             entry = self._polls[run_id] = (now, task)
         # (shielded: a wait cancelled meanwhile leaves the read to the others)
         return await asyncio.shield(entry[1])
+
+    async def _shared_step_status(
+        self, run_id: str, step: int
+    ) -> tuple[RunRecord, bool, int, dict[str, Any] | None]:
+        """``step_status`` for a wait that learnt of its step's completion from a poll or
+        another replica's NOTIFY: one read for every wait of the step asking while it is in
+        flight (woken together, a thousand waits would each read the run and the event)."""
+        key = (run_id, step)
+        task = self._statuses.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._read(step_status, self.store, run_id, step))
+            self._statuses[key] = task
+            task.add_done_callback(lambda _: self._statuses.pop(key, None))
+        return await asyncio.shield(task)
 
     # -- values -----------------------------------------------------------------------------
 

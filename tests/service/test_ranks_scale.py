@@ -8,7 +8,8 @@ Over real HTTP on SQLite and PostgreSQL:
 - ``reported_ranks`` counts ranks as they come, restarts after a rewind and after a delete;
 - reports waiting with ``?wait=`` are all answered once the last rank reports, on one
   server and across two servers sharing one PostgreSQL database;
-- a PostgreSQL store hears the completions other processes commit, never its own.
+- a PostgreSQL store hears the completions other processes commit, never its own;
+- the waits of a run share their polls, and the read of the step a NOTIFY wakes them to.
 """
 
 from __future__ import annotations
@@ -376,3 +377,46 @@ def test_the_waits_of_a_run_share_their_polls(tmp_path: Path) -> None:
     # About 1.1 s of polling every 250 ms, a read shared for 125 ms: under 20 reads (40 waits
     # polling apart would read over 160 times).
     assert 1 <= reads < 20, reads
+
+
+def test_waits_woken_by_a_notify_share_one_fresh_read_of_the_step(tmp_path: Path) -> None:
+    """A completion heard from another replica (the listener's callback, called here as the
+    listener calls it) wakes a run's waits at once, even just after a poll read that found
+    the step incomplete, and the waits read the step's status once between them, not once
+    each."""
+    store = open_store(f"sqlite:///{tmp_path / 'heard.db'}")
+    store.migrate()
+    runs = Runs(store)
+    run_id = new_id()
+    ranks = 31
+    status_reads = 0
+    event_at = store.event_at
+
+    def counted(*args: Any) -> Any:
+        nonlocal status_reads
+        status_reads += 1
+        return event_at(*args)
+
+    async def scenario() -> tuple[list[Any], float]:
+        await runs.create(run_id, RunSpec.model_validate(plateau_spec(world_size=ranks)))
+        waits = [
+            asyncio.ensure_future(runs.report(run_id, 0, rank, {"val_loss": 1.0}, wait=10))
+            for rank in range(ranks - 1)
+        ]
+        await asyncio.sleep(0.1)
+        store.event_at = counted
+        # A poll read just now, before the completion: it must not answer the woken waits.
+        assert (await runs._polled_completion(run_id, 0.125))[1] is None
+        report_to_store(store, run_id, 0, ranks - 1, {"val_loss": 1.0})
+        runs._heard(run_id, 0)
+        started = time.monotonic()
+        outcomes = await asyncio.wait_for(asyncio.gather(*waits), 5)
+        return list(outcomes), time.monotonic() - started
+
+    try:
+        outcomes, elapsed = asyncio.run(scenario())
+    finally:
+        store.close()
+    assert all(o.complete and o.reported_ranks == ranks for o in outcomes), outcomes
+    assert elapsed < 0.1, elapsed  # (not left to the next poll, 250 ms on)
+    assert 1 <= status_reads <= 2, status_reads
