@@ -24,7 +24,7 @@ from service.api.common import (
     query_number,
 )
 from service.api.deps import get_runs
-from service.api.protocol import ANSWER_NOW, ANSWERED
+from service.api.protocol import ANSWER_NOW, ANSWERED, DISCONNECTED
 from service.api.schemas import MetricHistoryOut, MetricNamesOut, ReportIn, ReportOut, problems
 from service.runs.service import Runs
 from service.runs.views import MetricHistory, ReportOutcome
@@ -115,10 +115,11 @@ async def _report_and_wait(
     answer was delivered already, written by the protocol's ``ANSWER_NOW`` when the step's
     completion in this process handed it over (see ``Runs.report``)."""
     gone = False
+    disconnected: Callable[[], bool] | None = request.scope.get(DISCONNECTED)
 
     async def abandoned() -> bool:
         nonlocal gone
-        gone = await request.is_disconnected()
+        gone = disconnected() if disconnected is not None else await request.is_disconnected()
         return gone
 
     answer_now: Callable[[bytes], bool] | None = request.scope.get(ANSWER_NOW)
