@@ -495,8 +495,6 @@ class Runs:
             for d in self._deliveries.get(run_id, ())
             if d.step == step and d.origin == origin and d.delivered is None
         ]
-        # No full collection between two answers: with a thousand connections open one takes
-        # 40-100 ms on a 2-core machine, which every rank answered after it would wait.
         if not waiting:
             return
         first = waiting[0]
@@ -505,6 +503,8 @@ class Runs:
             run_id, step, first.rank, run, True, result.reported_ranks, decision, result,
             first.duplicate, False,
         )  # fmt: skip
+        # No full collection between two answers: with a thousand connections open one takes
+        # 40-100 ms on a 2-core machine, which every rank answered after it would wait.
         with gc_paused():
             for d in waiting:
                 outcome = answer._replace(rank=d.rank, duplicate=d.duplicate)
