@@ -8,8 +8,12 @@ reductions, and a SequentialLR of MultiplicativeLR children.
 For each schedule, in one run: the reference is a window of ``count`` steps at step 0 (median
 of ``repeat``); against it, the same window at step ``far``
 
-- cold: the first window asked of a freshly compiled program (no checkpoint of it exists:
-  the scan runs from 0 once, leaving a checkpoint every 2,048 steps);
+- cold: the first window asked of a freshly compiled program when no checkpoint of it exists
+  anywhere (the scan runs from 0 once, leaving a checkpoint every 2,048 steps): what the
+  first process to serve a run far into it pays, once;
+- restart: the same in a new process (a freshly compiled program) once those checkpoints are
+  in the database: the service's store backing (``StoredScans``) on a SQLite file, as the
+  service has it by default, the checkpoints written by the cold window's scan;
 - warm: a trainer walking forward window after window (median of ``repeat`` windows, each
   new, after ``far``), timed alternately with the reference;
 - again: the window at ``far`` asked a second time (another rank, a retry).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -33,7 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.schedules import Program, ScheduleSpec
+from service.runs.checkpoints import StoredScans
+from service.schedules import Program, ScheduleSpec, set_scan_backing
+from service.store import open_store
 
 S = torch.optim.lr_scheduler
 EXP = {"type": "ExponentialLR", "gamma": 0.999999}
@@ -141,10 +148,22 @@ def bench(name: str, schedule: dict[str, Any], reports: dict[int, float], args: 
         warm.append(timed(partial(window, walker, state, far + (i + 1) * count, count))[0])
         again.append(timed(partial(window, walker, state, far, count))[0])
     colds = []
+    backing = args.backing
+    set_scan_backing(None)  # nothing stored anywhere: the scan from step 0
     for _ in range(max(1, repeat // 3)):
         p, st = fresh()
         dt, cold = timed(partial(window, p, st, far, count))
         colds.append(dt)
+    set_scan_backing(backing)
+    p, st = fresh()
+    window(p, st, far, count)  # the first process: its scan's checkpoints go to the database
+    assert backing.flush(60), "checkpoints not written"
+    restarts = []
+    for _ in range(repeat):
+        p, st = fresh()
+        dt, resumed = timed(partial(window, p, st, far, count))
+        restarts.append(dt)
+        assert np.array_equal(resumed, cold), "resumed and cold differ"
     assert np.array_equal(window(walker, state, far, count), cold), "warm and cold differ"
     t_ref = statistics.median(ref)
     print(f"\n{name} ({args.groups} groups, {len(reports)} reports, window {count} steps)")
@@ -152,6 +171,7 @@ def bench(name: str, schedule: dict[str, Any], reports: dict[int, float], args: 
     for label, times in (
         ("reference: window at step 0", ref),
         (f"cold: first window at {far}", colds),
+        (f"restart: first window at {far}", restarts),
         (f"warm: walking forward past {far}", warm),
         (f"again: window at {far} re-asked", again),
     ):
@@ -189,6 +209,11 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
     far = args.far
+    tmp = tempfile.TemporaryDirectory()
+    store = open_store(f"sqlite:///{tmp.name}/bench.db")
+    store.migrate()
+    args.backing = StoredScans(store)
+    set_scan_backing(args.backing)  # as the service does: every window below may use it
     chain = {"type": "ChainedScheduler", "schedulers": [EXP, COS]}
     bench("ChainedScheduler [ExponentialLR, CosineAnnealingLR eta_min]", chain, {}, args)
     # Reductions spread over the run (every report after the first is bad: patience 0).
@@ -198,6 +223,9 @@ def main() -> None:
           reports, args)  # fmt: skip
     seq = {"type": "SequentialLR", "schedulers": MULT, "milestones": [far // 4, far // 2]}
     bench("SequentialLR of 3 MultiplicativeLR (milestones far/4, far/2)", seq, {}, args)
+    args.backing.close()
+    store.close()
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ server's: this one process stands for a thousand trainers on other machines). In
    waiting rank (``world_size=2``) as the reference. Aim: <= 50 ms. The server's and this
    client's CPU over that time are printed too (from /proc, in 10 ms ticks): when the
    client's is as large as the server's, the figure is the client's.
+   Before the last report, the server's CPU over 3 s of the ranks just waiting (what holding
+   1,023 waits costs, against one).
 3. **The completing report.** The same 1,024-rank step reported on one connection with nobody
    waiting: the last report's own latency (it aggregates every rank's values) against the
    median partial report's.
@@ -197,6 +199,9 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 FANOUT_CPU: list[tuple[float, float]] = []
 """(server, client) CPU ms over each 1,024-rank fan-out timed by :func:`answered`."""
+IDLE_CPU: dict[int, list[float]] = {}
+"""Per number of waiting ranks, the server's CPU (fraction of a core) while they wait."""
+IDLE_SECONDS = 3.0
 
 
 async def answered(port: int, tag: str, ranks: int, pid: int | None = None) -> float:
@@ -221,6 +226,11 @@ async def answered(port: int, tag: str, ranks: int, pid: int | None = None) -> f
     ):
         assert time.monotonic() < deadline, "the waits did not all start"
         await asyncio.sleep(0.02)
+    if pid:
+        # Nothing happens while they wait: what holding them costs the server.
+        idle0 = proc_cpu_s(pid)
+        await asyncio.sleep(IDLE_SECONDS)
+        IDLE_CPU.setdefault(ranks - 1, []).append((proc_cpu_s(pid) - idle0) / IDLE_SECONDS)
     done: list[float] = []
 
     async def read(conn: Conn) -> None:
@@ -284,7 +294,7 @@ def main() -> None:
             point = (args.port, proc.pid, tag, args.steps, args.ranks)
             one.append(run(cpu_one_rank(*point)))
             many.append(run(cpu_many_ranks(*point)))
-            wait_one.append(run(answered(args.port, tag, 2)))
+            wait_one.append(run(answered(args.port, tag, 2, proc.pid)))
             wait_many.append(run(answered(args.port, tag, args.wait_ranks, proc.pid)))
             done = run(completing(args.port, tag, args.wait_ranks))
             last.append(done[0])
@@ -307,6 +317,14 @@ def main() -> None:
             f"{args.wait_ranks}-rank step answered to all waiting ranks {ms:.1f} ms after the "
             f"last report (median; {ms / statistics.median(wait_one):.1f}x one waiting rank's "
             f"{statistics.median(wait_one):.1f} ms; aim <= 50 ms: {'ok' if ms <= 50 else 'MISSED'})"
+        )
+        idle_many = statistics.median(IDLE_CPU[args.wait_ranks - 1])
+        idle_one = statistics.median(IDLE_CPU[1])
+        print(
+            f"server CPU while {args.wait_ranks - 1} ranks wait (nothing else happening): "
+            f"{idle_many * 100:.1f}% of a core, {idle_one * 100:.1f}% with one waiting "
+            f"(median of {args.reps}, {IDLE_SECONDS:g} s each; "
+            f"{(idle_many - idle_one) * 1e6 / (args.wait_ranks - 2):.1f} us/s per wait)"
         )
         last_ms, partial_ms = statistics.median(last), statistics.median(partial)
         print(

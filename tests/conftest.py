@@ -30,6 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
+from service.schedules import set_scan_backing
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -149,6 +151,14 @@ def start_server(
             server.kill()
             raise RuntimeError(f"server not ready after {ready_timeout} s:\n{server.log()[-4000:]}")
         time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def _no_scan_backing_left() -> Iterator[None]:
+    """A run service built in a test sets the process's scan-checkpoint backing (its store):
+    unset it after the test, so later tests' programs do not use a closed store."""
+    yield
+    set_scan_backing(None)
 
 
 @pytest.fixture

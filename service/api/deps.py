@@ -8,7 +8,7 @@ import threading
 from anyio import to_thread
 from fastapi import Request
 
-from service.api.observability import watch_cache
+from service.api.observability import watch_cache, watch_scans
 from service.config import Settings
 from service.runs.repository import Store, StoreBusy, StoreFault
 from service.runs.service import Runs
@@ -70,6 +70,7 @@ class StoreHolder:
                     idle_after=self.settings.idle_after,
                     max_work=self.settings.max_request_work,
                 )
+                watch_scans(self.runs.scans)
                 self._store = candidate
                 log.info(
                     "store ready",
@@ -103,6 +104,8 @@ class StoreHolder:
                 self._candidate.close()
                 self._candidate = None
             if self._store is not None:
+                if self.runs is not None:
+                    self.runs.close()
                 self.runs = None
                 self._store.close()
                 self._store = None

@@ -115,6 +115,35 @@ class _CacheCollector(Collector):
 REGISTRY.register(_CacheCollector())
 
 
+# -- scan checkpoints -------------------------------------------------------------------------
+_SCANS: list[weakref.ref[Any]] = []
+
+
+def watch_scans(scans: Any) -> None:
+    """Export a :class:`~service.runs.checkpoints.StoredScans`'s counters (the latest one)."""
+    _SCANS[:] = [weakref.ref(scans)]
+
+
+class _ScanCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        scans = _SCANS[0]() if _SCANS else None
+        figures = {
+            "loaded": (
+                "Scans resumed from a checkpoint read from the database (after a restart, or "
+                "one another replica computed)"
+            ),
+            "saved": "Scan checkpoints written to the database",
+            "dropped": "Scan checkpoints not written (the database failed, or too many pending)",
+        }
+        for key, text in figures.items():
+            family = CounterMetricFamily(f"lrserve_scan_checkpoints_{key}", text)
+            family.add_metric([], getattr(scans, key, 0))
+            yield family
+
+
+REGISTRY.register(_ScanCollector())
+
+
 # labels() costs a lock and a few microseconds per call: keep the labelled children. Keys are
 # bounded: path is a route template (or "<unmatched>"), never the raw path.
 _children: dict[tuple[str, str, int], tuple[Any, Any, bytes]] = {}

@@ -390,6 +390,20 @@ class Store(Protocol):
     def completed_step(self, run_id: str) -> tuple[bool, int | None]:
         """(exists, completed_step): the cheap read ``?wait=`` polls."""
 
+    def scan_checkpoints(
+        self, curve: str, most: int, least: int, limit: int
+    ) -> list[tuple[int, bytes, bytes]]:
+        """Up to ``limit`` stored scan checkpoints ``(block, signature, lr)`` of ``curve``
+        with ``least <= block <= most``, latest block first (see
+        ``service.schedules.ScanBacking``)."""
+
+    def save_scan_checkpoints(self, rows: list[tuple[str, int, bytes, bytes]]) -> None:
+        """Store ``(curve, block, signature, lr)`` rows; rows already stored are left as they
+        are (a checkpoint is a function of its key)."""
+
+    def delete_scan_checkpoints(self, programs: list[str]) -> None:
+        """Delete the checkpoints of every scan of these compiled programs (their names)."""
+
     def listen(self, heard: Callable[[str, int], None]) -> bool:
         """Call ``heard(run_id, step)`` (from another thread) whenever another process (a
         replica, a worker) commits a completed step (this store's own commits are not heard:

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 from anyio import to_thread
 
+from service.runs.checkpoints import StoredScans
 from service.runs.curve import decimate_sampled
 from service.runs.errors import RunNotFound
 from service.runs.evaluation import heavy, preview, sample
@@ -84,6 +86,7 @@ from service.runs.views import (
     Window,
     _list,  # Run.of's parse of a stored JSON list, shared with _groups_at
 )
+from service.schedules import set_scan_backing
 from service.schedules.base import MAX_STEP
 from service.schedules.cost import INLINE_WORK, WORK_BUDGET, WorkLimitExceeded, check_work
 
@@ -109,8 +112,31 @@ class _Delivery:
     delivered: ReportOutcome | None = None
 
 
+Abandoned = Callable[[], bool] | Callable[[], Awaitable[bool]]
+"""Whether a waiting report's client went away (a flag, or a coroutine that finds out)."""
+
+
+async def _asked(abandoned: Abandoned) -> bool:
+    answer = abandoned()
+    return await answer if inspect.isawaitable(answer) else bool(answer)
+
+
+@dataclasses.dataclass(eq=False)
+class _Waiter:
+    """A report waiting for its step (``Runs._wait_for_step``), as its run's ticker sees it."""
+
+    step: int
+    gone: Callable[[], bool] | None
+    """Whether its client went away, cheap enough to ask every tick (``None``: not asked)."""
+    ask: bool
+    """Its ``abandoned`` check is a coroutine: woken every tick to await it."""
+    tick: anyio.CancelScope | None = None
+    """What the ticker cancels to wake it (``None`` while it is not waiting)."""
+
+
 SAFETY_POLL_SECONDS = 0.25
-"""How often a waiting report on SQLite reads the database (see ``Runs._wait_for_step``)."""
+"""How often the waiting reports of a run on SQLite read the database (see
+``Runs._wait_for_step``)."""
 
 # Pauses before retrying an inline write whose lock was taken (7.5 ms in all), then a thread.
 _INLINE_RETRY_DELAYS = (0.0, 0.0005, 0.001, 0.002, 0.004)
@@ -152,6 +178,9 @@ class Runs:
         self._deriving = anyio.Lock()
         # Reports arriving together share one SQLite transaction (service/runs/groupcommit.py).
         self._group = GroupWriter(store)
+        # Scan checkpoints outlive the process in the store (service/runs/checkpoints.py).
+        self.scans = StoredScans(store)
+        set_scan_backing(self.scans)
         self._listens: bool | None = None
         self._completions: dict[str, tuple[anyio.Event, ReportResult | None]] = {}
         """Per run with waiting reports: the event its next completion in this process sets,
@@ -161,6 +190,9 @@ class Runs:
         self._statuses: dict[tuple[str, int], asyncio.Future[Any]] = {}
         """Per (run, step): the step's status being read for its waits."""
         self._deliveries: dict[str, dict[_Delivery, None]] = {}
+        self._waits: dict[str, dict[_Waiter, None]] = {}
+        """Per run, the reports of this process waiting on it (see :meth:`_tick`)."""
+        self._tickers: dict[str, asyncio.Task[None]] = {}
         """Per run: the waiting reports whose answers are delivered by the completion itself
         (``deliver`` of :meth:`report`)."""
 
@@ -193,6 +225,11 @@ class Runs:
                 except WouldBlock:
                     pass
         return await to_thread.run_sync(fn, *args)
+
+    def close(self) -> None:
+        """Write the scan checkpoints still pending and stop using the store for them."""
+        self.scans.close()
+        set_scan_backing(None, only_if=self.scans)
 
     # -- runs -----------------------------------------------------------------------------
 
@@ -283,7 +320,12 @@ class Runs:
         return names
 
     async def delete(self, run_id: str) -> None:
+        scans = (await self.get(run_id)).schedule.base.scan_name
         await self._write(delete_run, self.store, run_id)
+        if scans is not None:
+            # The run's scan checkpoints (those of its spec; an amendment's stay, named by
+            # their own programs, until a run with the same spec is deleted).
+            await to_thread.run_sync(self.store.delete_scan_checkpoints, [scans])
         # Its latest completion (a run record, its state) is no answer for anyone now.
         self._polls.pop(run_id, None)
         entry = self._completions.pop(run_id, None)
@@ -373,14 +415,16 @@ class Runs:
         rank: int,
         values: Mapping[str, float | None],
         wait: float = 0.0,
-        abandoned: Callable[[], Awaitable[bool]] | None = None,
+        abandoned: Abandoned | None = None,
         deliver: Callable[[ReportOutcome], bool] | None = None,
     ) -> ReportOutcome:
         """Record a report; with ``wait`` (seconds), answer once the step is complete or the
         wait is over. The outcome carries every group's values at ``step + 1``.
 
-        ``abandoned`` (asked before every poll of a wait) ends the wait early when it says
-        True: the client went away, so nobody would read the answer.
+        ``abandoned`` ends the wait early when it says True: the client went away, so nobody
+        would read the answer. Plain (cheap: a flag), it is asked by the run's ticker every
+        poll interval without waking the wait; a coroutine function wakes the wait to be
+        awaited.
 
         ``deliver`` (with ``wait``): called with this report's outcome by the report of this
         process that completes the step, right after that report's own answer is sent, for
@@ -579,7 +623,7 @@ class Runs:
         run_id: str,
         step: int,
         timeout: float,
-        abandoned: Callable[[], Awaitable[bool]] | None = None,
+        abandoned: Abandoned | None = None,
         origin: tuple[str, int] | None = None,
         subscribed: anyio.Event | None = None,
     ) -> tuple[RunRecord, bool, int, dict[str, Any] | None] | None:
@@ -590,8 +634,9 @@ class Runs:
         completing report's result (nothing is read). On PostgreSQL a completion on another
         replica wakes them too (LISTEN/NOTIFY; each then reads the step). Otherwise (several
         SQLite workers, a listener reconnecting) the database is polled, every
-        ``SAFETY_POLL_SECONDS`` (``wait_poll_seconds`` on PostgreSQL without a listener);
-        that is also how often ``abandoned`` is asked. ``origin``, the waiting report's run
+        ``SAFETY_POLL_SECONDS`` (``wait_poll_seconds`` on PostgreSQL without a listener), once
+        per run by its ticker (:meth:`_tick`), which also asks ``abandoned`` that often and
+        wakes only the waits concerned. ``origin``, the waiting report's run
         ``(created_at, branch)``: a completion of another incarnation of the run id, or of
         a branch a rewind has left, is not an answer. ``subscribed``: the event taken before
         the report was written (see :meth:`_subscribe`), waited on first."""
@@ -603,42 +648,97 @@ class Runs:
                 and (origin is None or (done.run.created_at, done.run.branch) == origin)
             )
 
-        deadline = time.monotonic() + timeout
         poll = self.wait_poll_seconds
         if self.store.dialect == "sqlite" or self._listening():
             poll = max(poll, SAFETY_POLL_SECONDS)
-        while time.monotonic() < deadline:
-            entry = self._completions.get(run_id)
-            if entry is None:
-                entry = self._completions[run_id] = (anyio.Event(), None)
-            done = entry[1]
-            if done is not None and answer(done):
-                # Completed by a report of this process (also while this report's write was
-                # on its way back from a thread): its result is the answer.
-                return done.run, True, done.reported_ranks, done.decision
-            # A completion heard from another replica while this report was being written
-            # has set the event taken before the write (and put a fresh one in its place).
-            event, subscribed = subscribed or entry[0], None
-            with anyio.move_on_after(min(poll, max(0.0, deadline - time.monotonic()))):
-                await event.wait()
-            if event.is_set():
-                # The answer is at hand now: no asking whether the client is still there
-                # (a thousand ranks woken at once each asked, in turn, on the one loop).
-                latest = self._completions.get(run_id, (None, None))[1]
-                if latest is not None and answer(latest):
-                    return latest.run, True, latest.reported_ranks, latest.decision
-            if abandoned is not None and await abandoned():
-                return None
-            if event.is_set():
-                latest = self._completions.get(run_id, (None, None))[1]
-                if latest is not None and latest.step < step:
-                    continue  # an earlier step completed here: wait on
-            exists, completed = await self._polled_completion(run_id, poll / 2)
-            if not exists:
-                raise RunNotFound(run_id)
-            if completed is not None and completed >= step:
-                return await self._shared_step_status(run_id, step)
-        return None
+        ask = abandoned is not None and inspect.iscoroutinefunction(abandoned)
+        gone = None if abandoned is None or ask else cast(Callable[[], bool], abandoned)
+        waiter = _Waiter(step, gone, ask)
+        self._waits.setdefault(run_id, {})[waiter] = None
+        if run_id not in self._tickers:
+            self._tickers[run_id] = asyncio.ensure_future(self._tick(run_id, poll))
+        try:
+            with anyio.move_on_after(timeout):
+                while True:
+                    entry = self._completions.get(run_id)
+                    if entry is None:
+                        entry = self._completions[run_id] = (anyio.Event(), None)
+                    done = entry[1]
+                    if done is not None and answer(done):
+                        # Completed by a report of this process (also while this report's
+                        # write was on its way back from a thread): its result is the answer.
+                        return done.run, True, done.reported_ranks, done.decision
+                    # A completion heard from another replica while this report was being
+                    # written has set the event taken before the write (and put a fresh one
+                    # in its place).
+                    event, subscribed = subscribed or entry[0], None
+                    # Until the step completes here, or the ticker wakes it.
+                    with anyio.CancelScope() as waiter.tick:
+                        await event.wait()
+                    waiter.tick = None
+                    if event.is_set():
+                        # The answer is at hand now: no asking whether the client is still
+                        # there (a thousand ranks woken at once each asked, in turn).
+                        latest = self._completions.get(run_id, (None, None))[1]
+                        if latest is not None and answer(latest):
+                            return latest.run, True, latest.reported_ranks, latest.decision
+                    if abandoned is not None and await _asked(abandoned):
+                        return None
+                    if event.is_set():
+                        latest = self._completions.get(run_id, (None, None))[1]
+                        if latest is not None and latest.step < step:
+                            continue  # an earlier step completed here: wait on
+                    # Woken by the ticker: its read of the step is shared (fresh for poll / 2).
+                    exists, completed = await self._polled_completion(run_id, poll / 2)
+                    if not exists:
+                        raise RunNotFound(run_id)
+                    if completed is not None and completed >= step:
+                        return await self._shared_step_status(run_id, step)
+            return None
+        finally:
+            waits = self._waits.get(run_id)
+            if waits is not None:
+                waits.pop(waiter, None)
+                if not waits:
+                    del self._waits[run_id]
+                    ticker = self._tickers.pop(run_id, None)
+                    if ticker is not None:
+                        ticker.cancel()
+
+    async def _tick(self, run_id: str, poll: float) -> None:
+        """The one timer of a run's waiting reports: every ``poll`` seconds, read whether the
+        step completed elsewhere (another worker or replica: a completion in this process wakes
+        them itself) and ask each whether its client is still there, waking only those with
+        something to act on. A thousand waiting ranks cost one read and a thousand flag checks
+        a tick, not a thousand timers and wake-ups (a fifth of a core, idle). The run's last
+        wait to end cancels it."""
+        try:
+            while self._waits.get(run_id):
+                await anyio.sleep(poll)
+                waits = self._waits.get(run_id)
+                if not waits:
+                    break
+                wake = [w for w in waits if w.ask or (w.gone is not None and w.gone())]
+                try:
+                    exists, completed = await self._polled_completion(run_id, poll / 2)
+                except Exception:
+                    exists, completed = False, None  # each wait's own read meets the failure
+                waits = self._waits.get(run_id, {})
+                if not exists:
+                    wake = list(waits)
+                elif completed is not None:
+                    wake += [w for w in waits if w.step <= completed]
+                for w in wake:
+                    if w.tick is not None:
+                        w.tick.cancel()
+        except Exception:  # pragma: no cover - a bug here must not leave waits asleep
+            log.exception("the wait ticker of run %s failed", run_id)
+            for w in self._waits.get(run_id, {}):
+                if w.tick is not None:
+                    w.tick.cancel()
+        finally:
+            if self._tickers.get(run_id) is asyncio.current_task():
+                del self._tickers[run_id]
 
     async def _polled_completion(self, run_id: str, fresh_for: float) -> tuple[bool, int | None]:
         """``store.completed_step(run_id)`` as the waits of a run poll it: one read shared by

@@ -8,6 +8,7 @@ Public API (see docs/architecture.md)::
 from .base import MAX_NESTING, MAX_STEP, ProgramState, ScheduleNode, SpecError
 from .program import GroupSpec, Program, ScheduleSpec
 from .spec import ALL_NODES, NODE_TYPES, AnySchedule, schedule_adapter
+from .torch_compose import ScanBacking, set_scan_backing
 
 __all__ = [
     "ALL_NODES",
@@ -18,8 +19,10 @@ __all__ = [
     "GroupSpec",
     "Program",
     "ProgramState",
+    "ScanBacking",
     "ScheduleNode",
     "ScheduleSpec",
     "SpecError",
     "schedule_adapter",
+    "set_scan_backing",
 ]

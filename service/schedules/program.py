@@ -13,9 +13,10 @@ mutable part is the one-step memo, a bounded thread-safe LRU of state-independen
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ from .cost import PartCost, part_cost
 from .cost import held_bytes as _held_bytes
 from .cost import window_work as _window_work
 from .spec import AnySchedule
+from .torch_compose import SCAN_FORMAT
 
 MAX_GROUPS = 1024
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -188,6 +190,12 @@ _BLOCKS_MAX_BYTES = 128 * 1024
 Block = tuple[Matrix, Matrix | None]
 
 
+def _walk(curve: Curve) -> Iterator[Curve]:
+    yield curve
+    for child in curve.children():
+        yield from _walk(child)
+
+
 def _block(parts: Sequence[_Part], cycles: Sequence[bool], k: int, first: int) -> Block:
     """Part ``k``'s (lr, cycled momentum) over ``[first, first + _BLOCK)``, read-only (it is
     shared by every thread that reads the memo)."""
@@ -283,6 +291,16 @@ class Program:
         """Compiled schedule nodes over every part (the work model's size of the program)."""
         self.recursive = any(c.recursive for c in self._costs)
         """Whether a part scans (its work grows with the step, not only with the window)."""
+        scans = [c for part in parts for c in _walk(part.curve) if hasattr(c, "name_scans")]
+        self.scan_name: str | None = None
+        """What names this program's scan checkpoints in a backing (``None``: it has no scan
+        that keeps any): a hash of the spec and of the scan's format, so the same spec
+        compiled anywhere resumes from them."""
+        if scans:
+            text = f"{SCAN_FORMAT}\n{spec.model_dump_json()}".encode()
+            self.scan_name = hashlib.blake2b(text, digest_size=16).hexdigest()
+            for curve in scans:
+                curve.name_scans(self.scan_name)
         # Without a recursion the work is affine in the window's length: keep its two terms,
         # so that pricing a trainer's read costs two multiplications, not a walk of parts.
         self._affine = (

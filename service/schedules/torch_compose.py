@@ -21,9 +21,9 @@ import itertools
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -122,6 +122,13 @@ class _SequentialCurve(Piecewise, Chainable):
         self._chunk = chunk_steps(self.n_groups, _CHUNK)
         self._block = min(_BLOCK, self._chunk)
         self._tokens = tuple(next(_TOKENS) for _ in self.kids)
+        self._names: tuple[str | None, ...] = (None,) * len(self.kids)
+
+    def name_scans(self, program: str) -> None:
+        """Name this curve's scans for the checkpoint backing (see :class:`ScanBacking`):
+        ``program`` identifies the compiled spec, the path and segment the scan in it."""
+        path = ".".join(str(p) for p in self.loc)
+        self._names = tuple(f"{program}/{path}#{k}" for k in range(len(self.kids)))
 
     def segment_lr(self, k: int, local: Steps, state: ProgramState) -> Matrix:
         child = self.chain[k]
@@ -146,20 +153,18 @@ class _SequentialCurve(Piecewise, Chainable):
             )
         start = int(self.starts[k])
         sig = _Signature(self, state)
-        token, size = self._tokens[k], self._block
-        block, x = -1, None
-        for b in _MEMO.blocks(token, int(local.min()) // size):
-            x = _MEMO.get((token, b, sig.upto(start + b * size - 1)))
-            if x is not None:
-                block = b
-                break
-        if x is None:
+        token, name, size = self._tokens[k], self._names[k], self._block
+
+        def signature(b: int) -> bytes:
+            return sig.upto(start + b * size - 1)
+
+        found = _resume(token, name, int(local.min()) // size, signature, self.n_groups)
+        if found is None:
             block = 0
-            key = (token, 0, sig.upto(start - 1))
-            x = _MEMO.get(key)
-            if x is None:
-                x = self.lr(np.asarray([start - 1], dtype=np.float64), state)[:, 0]
-                _MEMO.put(key, x)
+            x = self.lr(np.asarray([start - 1], dtype=np.float64), state)[:, 0]
+            _keep(token, name, 0, signature(0), x)
+        else:
+            block, x = found
         order = np.argsort(local, kind="stable")
         steps_sorted = local[order]
         out = np.empty((self.n_groups, len(local)))
@@ -174,9 +179,7 @@ class _SequentialCurve(Piecewise, Chainable):
             x = values[:, -1]
             for j in range((hi - lo) // size):
                 edge = block + j + 1
-                _MEMO.put(
-                    (token, edge, sig.upto(start + edge * size - 1)), values[:, (j + 1) * size - 1]
-                )
+                _keep(token, name, edge, signature(edge), values[:, (j + 1) * size - 1])
             block += (hi - lo) // size
             stop = pos + int(np.searchsorted(steps_sorted[pos:], hi, side="left"))
             if stop > pos:
@@ -273,6 +276,11 @@ class _ChainedCurve(Chainable):
         # Scan checkpoints live in the module's _MEMO under this curve's token (so identical
         # specs compiled twice never share bits they did not compute).
         self._token = next(_TOKENS)
+        self._name: str | None = None
+
+    def name_scans(self, program: str) -> None:
+        """Name this curve's scan for the checkpoint backing (see :class:`ScanBacking`)."""
+        self._name = f"{program}/{'.'.join(str(p) for p in self.loc)}"
 
     def children(self) -> Sequence[Curve]:
         return self.kids
@@ -365,17 +373,20 @@ class _ChainedCurve(Chainable):
     def _record(self, block: int, x: Matrix, sig: _Signature) -> None:
         """Keep the lr just before ``block`` (at step ``horizon + block * k - 1``) in the
         memo, under the state that decided it (see :class:`_Signature`)."""
-        _MEMO.put((self._token, block, sig.upto(self.horizon + block * self._block - 1)), x)
+        _keep(self._token, self._name, block, sig.upto(self.horizon + block * self._block - 1), x)
 
     def _start(self, first: int, sig: _Signature, state: ProgramState) -> tuple[int, Matrix]:
         """The block the scan starts at and the lr just before it: the latest checkpoint at
         or before the block of step ``first`` that is valid for this state, else block 0 from
         the closed-form product at ``horizon - 1``."""
         want = (first - self.horizon) // self._block
-        for block in _MEMO.blocks(self._token, want):
-            x = _MEMO.get((self._token, block, sig.upto(self.horizon + block * self._block - 1)))
-            if x is not None:
-                return block, x
+
+        def signature(block: int) -> bytes:
+            return sig.upto(self.horizon + block * self._block - 1)
+
+        found = _resume(self._token, self._name, want, signature, self.n_groups)
+        if found is not None:
+            return found
         if self.horizon == 0:
             return 0, self.base[:, 0].copy()
         x = self.base * self.factor(np.asarray([self.horizon - 1], dtype=np.float64), state)
@@ -389,6 +400,79 @@ _MEMO_BYTES = 64 << 20
 """Most bytes the scan checkpoints of every compiled chain may hold together."""
 
 _TOKENS = itertools.count()
+
+SCAN_FORMAT = 1
+"""Version of the scan's arithmetic and block grid, part of every checkpoint's name: bump it
+when either changes, so that checkpoints a backing kept from an older lrserve are not used."""
+
+_LOAD_GAP = 2
+"""A backing is asked for a checkpoint only when the memo's latest valid one (or the scan's
+start) is more than this many blocks before the one a scan needs: a trainer walking forward
+never asks it, nor does a window near the start (nor are the first blocks' edges stored)."""
+
+
+class ScanBacking(Protocol):
+    """Where scan checkpoints outlive the process (the service's database): a scan far into a
+    run resumes from a stored checkpoint after a restart or on another replica.
+
+    A checkpoint is a pure function of its name (the compiled spec and the scan in it, see
+    :func:`name_scans`), block and signature (the metric-driven state it depends on), so
+    storing, sharing or losing one never changes a value. Neither method may raise."""
+
+    def load(self, curve: str, most: int, least: int) -> list[tuple[int, bytes, bytes]]:
+        """Stored ``(block, signature, lr as float64 bytes)`` of ``curve`` with ``least <=
+        block <= most``, latest block first (a few: the scan takes the first valid one)."""
+
+    def save(self, curve: str, block: int, signature: bytes, lr: bytes) -> None:
+        """Keep a new checkpoint (may be buffered, or dropped)."""
+
+
+_BACKING: ScanBacking | None = None
+
+
+def set_scan_backing(backing: ScanBacking | None, only_if: ScanBacking | None = None) -> None:
+    """Use ``backing`` for the scan checkpoints of every program (``None``: memory only);
+    with ``only_if``, only while that one is in use (a service closing unsets its own)."""
+    global _BACKING
+    if only_if is None or _BACKING is only_if:
+        _BACKING = backing
+
+
+def _resume(
+    token: int,
+    name: str | None,
+    want: int,
+    signature: Callable[[int], bytes],
+    n_groups: int,
+) -> tuple[int, Matrix] | None:
+    """The latest checkpoint of scan ``token`` at or before block ``want`` valid for the
+    request's state (``signature(block)``): from the memo, else from the backing when the
+    memo has none within :data:`_LOAD_GAP` blocks; ``None`` if neither has one."""
+    best: tuple[int, Matrix] | None = None
+    for block in _MEMO.blocks(token, want):
+        x = _MEMO.get((token, block, signature(block)))
+        if x is not None:
+            best = (block, x)
+            break
+    backing = _BACKING
+    if backing is None or name is None or want - (best[0] if best else 0) <= _LOAD_GAP:
+        return best  # (scanning those few blocks costs less than a read)
+    for block, stored_signature, lr in backing.load(name, want, best[0] + 1 if best else 0):
+        if stored_signature != signature(block) or len(lr) != 8 * n_groups:
+            continue
+        x = np.frombuffer(lr, dtype="<f8").astype(np.float64)
+        _MEMO.put((token, block, stored_signature), x)
+        return block, x
+    return best
+
+
+def _keep(token: int, name: str | None, block: int, signature: bytes, x: Matrix) -> None:
+    """Checkpoint the lr just before ``block`` of scan ``token``: in the memo, and in the
+    backing when it is new here and far enough from the scan's start to be ever read back."""
+    if _MEMO.put((token, block, signature), x) and block > _LOAD_GAP:
+        backing = _BACKING
+        if backing is not None and name is not None:
+            backing.save(name, block, signature, np.ascontiguousarray(x, dtype="<f8").tobytes())
 
 
 def _scan_blocks(a: Matrix, b: Matrix, x0: Matrix, k: int) -> Matrix:
@@ -512,11 +596,12 @@ class _Checkpoints:
                 self._lru.move_to_end(key)
             return value
 
-    def put(self, key: tuple[int, int, bytes], x: Matrix) -> None:
+    def put(self, key: tuple[int, int, bytes], x: Matrix) -> bool:
+        """Keep ``x`` under ``key``; False when it was already kept."""
         with self._lock:
             if key in self._lru:
                 self._lru.move_to_end(key)
-                return
+                return False
             value = np.array(x, dtype=np.float64)
             value.setflags(write=False)
             self._lru[key] = value
@@ -530,6 +615,7 @@ class _Checkpoints:
                 old, dropped = self._lru.popitem(last=False)
                 self.bytes -= dropped.nbytes + _ENTRY_OVERHEAD
                 self._forget(old)
+            return True
 
     def _forget(self, key: tuple[int, int, bytes]) -> None:
         token, block, _ = key

@@ -57,6 +57,8 @@ psycopg_pool's default (300 s) the back-off grew to a minute, so a replica kept 
 for up to that long after the database was back."""
 READY_TIMEOUT_S = 1.0
 """How long the readiness check waits for a connection (probes time out after a few s)."""
+CHECKPOINT_WAIT_S = 0.05
+"""Most a scan waits for a pool connection to read a stored checkpoint (then it scans)."""
 UNREACHABLE_WAIT_S = 0.25
 """How long a request waits for a connection while the last attempt to open one failed: it
 gets its 503 at once instead of after the whole busy timeout, and a database that has come
@@ -270,9 +272,20 @@ class PostgresStore(SqlStore):
             conn.close()
         self.pool.putconn(conn)
 
+    def scan_checkpoints(
+        self, curve: str, most: int, least: int, limit: int
+    ) -> list[tuple[int, bytes, bytes]]:
+        # Asked by a scan, which may run inside a transaction holding a pool connection (a
+        # report's plateau decision): a pool drained by such transactions must not make each
+        # of them wait for a second one. With none free soon, the engine scans instead.
+        with self.errors(), self.read_conn(CHECKPOINT_WAIT_S) as conn:
+            return self.scan_checkpoints_on(conn, curve, most, least, limit)
+
     @contextmanager
-    def read_conn(self) -> Iterator[psycopg.Connection[Any]]:
-        conn = self._getconn(time.monotonic() + self.timeout_s)
+    def read_conn(self, timeout_s: float | None = None) -> Iterator[psycopg.Connection[Any]]:
+        conn = self._getconn(
+            time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        )
         try:
             yield conn
         finally:

@@ -764,6 +764,45 @@ class SqlStore(ABC):
         ).fetchall()
         return [r[0] for r in rows]
 
+    # -- scan checkpoints ------------------------------------------------------------------
+    def scan_checkpoints(
+        self, curve: str, most: int, least: int, limit: int
+    ) -> list[tuple[int, bytes, bytes]]:
+        with self.errors(), self.read_conn() as conn:
+            return self.scan_checkpoints_on(conn, curve, most, least, limit)
+
+    def scan_checkpoints_on(
+        self, conn: Any, curve: str, most: int, least: int, limit: int
+    ) -> list[tuple[int, bytes, bytes]]:
+        """:meth:`scan_checkpoints` on a given connection."""
+        rows = conn.execute(
+            self.q(
+                "SELECT block, signature, lr FROM scan_checkpoints WHERE curve = ? AND "
+                "block <= ? AND block >= ? ORDER BY block DESC LIMIT ?"
+            ),
+            (curve, most, least, limit),
+        ).fetchall()
+        return [(int(r[0]), bytes(r[1]), bytes(r[2])) for r in rows]
+
+    def save_scan_checkpoints(self, rows: list[tuple[str, int, bytes, bytes]]) -> None:
+        with self.errors(), self.write_conn() as conn:
+            conn.cursor().executemany(
+                self.q(
+                    "INSERT INTO scan_checkpoints (curve, block, signature, lr) VALUES "
+                    "(?, ?, ?, ?) ON CONFLICT (curve, block, signature) DO NOTHING"
+                ),
+                rows,
+            )
+
+    def delete_scan_checkpoints(self, programs: list[str]) -> None:
+        with self.errors(), self.write_conn() as conn:
+            for program in programs:
+                # Every curve of the program: names ``<program>/<path>`` ('0' follows '/').
+                conn.execute(
+                    self.q("DELETE FROM scan_checkpoints WHERE curve > ? AND curve < ?"),
+                    (f"{program}/", f"{program}0"),
+                )
+
     def count_reports(self, run_id: str, step: int) -> int:
         with self.errors(), self.read_conn() as conn:
             row = conn.execute(

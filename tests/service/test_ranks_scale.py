@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from service.runs.model import RunSpec
+from service.runs.repository import Store
 from service.runs.service import Runs
 from service.runs.transactions import report as report_to_store
 from service.store import open_store
@@ -215,6 +216,13 @@ def count_calls(obj: Any, name: str) -> list[int]:
     return calls
 
 
+def runs_on_sqlite(path: Path, **settings: Any) -> tuple[Store, Runs]:
+    """A migrated SQLite store at ``path`` and a run service over it (close the store)."""
+    store = open_store(f"sqlite:///{path}")
+    store.migrate()
+    return store, Runs(store, **settings)
+
+
 def start_waits(runs: Runs, run_id: str, ranks: range) -> list[asyncio.Future[Any]]:
     """Reports of ``ranks`` for step 0, each waiting up to 10 s for the step."""
     return [
@@ -306,9 +314,7 @@ def test_a_completion_heard_while_a_waiting_report_is_written_ends_its_wait(
     start of its wait (the listener's callback, called here as the listener calls it) wakes
     that wait: the report subscribed before writing. Polling every 60 s, a missed wake-up
     would show as a timeout."""
-    store = open_store(f"sqlite:///{tmp_path / 'w.db'}")
-    store.migrate()
-    runs = Runs(store, wait_poll_seconds=60)
+    store, runs = runs_on_sqlite(tmp_path / "w.db", wait_poll_seconds=60)
     run_id = new_id()
 
     async def scenario() -> tuple[Any, float]:
@@ -365,9 +371,7 @@ def test_the_waits_of_a_run_share_their_polls(tmp_path: Path) -> None:
     poll the database, and the waits of one run share each poll: 40 waits over about a
     second read ``completed_step`` a few times per poll interval, not 40 times, and are all
     answered once the completion is polled."""
-    store = open_store(f"sqlite:///{tmp_path / 'polls.db'}")
-    store.migrate()
-    runs = Runs(store)
+    store, runs = runs_on_sqlite(tmp_path / "polls.db")
     run_id = new_id()
     ranks = 41
     reads = [0]
@@ -393,14 +397,65 @@ def test_the_waits_of_a_run_share_their_polls(tmp_path: Path) -> None:
     assert 1 <= reads[0] < 20, reads[0]
 
 
+def test_idle_waits_are_not_woken_until_they_have_something_to_do(tmp_path: Path) -> None:
+    """The waits of a run share one timer (the run's ticker): over about a second of nothing
+    happening, 40 waits whose client check is a flag are not woken at all (the ticker asks
+    the flags and polls once a tick), then a client that leaves ends its own wait at the next
+    tick, and the completion polled ends the others."""
+    store, runs = runs_on_sqlite(tmp_path / "idle.db")
+    run_id = new_id()
+    ranks = 41
+    polls = [0]
+    gone = [False] * ranks
+    asked = [0]
+
+    def client_check(rank: int) -> Callable[[], bool]:
+        def abandoned() -> bool:
+            asked[0] += 1
+            return gone[rank]
+
+        return abandoned
+
+    async def scenario() -> tuple[list[Any], float]:
+        nonlocal polls
+        await runs.create(run_id, RunSpec.model_validate(plateau_spec(world_size=ranks)))
+        polls = count_calls(runs, "_polled_completion")
+        waits = [
+            asyncio.ensure_future(
+                runs.report(run_id, 0, rank, {"val_loss": 1.0}, 10, client_check(rank))
+            )
+            for rank in range(ranks - 1)
+        ]
+        await asyncio.sleep(1.0)
+        assert len(runs._tickers) == 1
+        idle_polls, idle_asked = polls[0], asked[0]
+        gone[3] = True
+        t0 = time.monotonic()
+        left = await asyncio.wait_for(waits[3], 2)
+        left_after = time.monotonic() - t0
+        report_to_store(store, run_id, 0, ranks - 1, {"val_loss": 1.0})
+        others = list(await asyncio.wait_for(asyncio.gather(*waits[:3], *waits[4:]), 5))
+        assert not runs._tickers and not runs._waits
+        return [idle_polls, idle_asked, left, *others], left_after
+
+    try:
+        (idle_polls, idle_asked, left, *others), left_after = asyncio.run(scenario())
+    finally:
+        store.close()
+    # About 4 ticks in the idle second: one poll each (40 waits woken each tick polled 160
+    # times), and each flag asked once a tick by the ticker, never by a woken wait.
+    assert 2 <= idle_polls <= 8, idle_polls
+    assert idle_asked <= 40 * 6, idle_asked
+    assert not left.complete and left_after < 1.0
+    assert all(o.complete and o.reported_ranks == ranks for o in others), others
+
+
 def test_waits_woken_by_a_notify_share_one_fresh_read_of_the_step(tmp_path: Path) -> None:
     """A completion heard from another replica (the listener's callback, called here as the
     listener calls it) wakes a run's waits at once, even just after a poll read that found
     the step incomplete, and the waits read the step's status once between them, not once
     each."""
-    store = open_store(f"sqlite:///{tmp_path / 'heard.db'}")
-    store.migrate()
-    runs = Runs(store)
+    store, runs = runs_on_sqlite(tmp_path / "heard.db")
     run_id = new_id()
     ranks = 31
     status_reads = [0]

@@ -26,7 +26,7 @@ from service.api.common import (
 from service.api.deps import get_runs
 from service.api.protocol import ANSWER_NOW, ANSWERED, DISCONNECTED
 from service.api.schemas import MetricHistoryOut, MetricNamesOut, ReportIn, ReportOut, problems
-from service.runs.service import Runs
+from service.runs.service import Abandoned, Runs
 from service.runs.views import MetricHistory, ReportOutcome
 
 router = APIRouter(prefix="/v1", tags=["metrics"])
@@ -116,11 +116,19 @@ async def _report_and_wait(
     completion in this process handed it over (see ``Runs.report``)."""
     gone = False
     disconnected: Callable[[], bool] | None = request.scope.get(DISCONNECTED)
+    abandoned: Abandoned
+    if disconnected is not None:
+        # The protocol's flag: the run's ticker asks it without waking the wait.
+        def abandoned() -> bool:
+            nonlocal gone
+            gone = disconnected()
+            return gone
+    else:
 
-    async def abandoned() -> bool:
-        nonlocal gone
-        gone = disconnected() if disconnected is not None else await request.is_disconnected()
-        return gone
+        async def abandoned() -> bool:
+            nonlocal gone
+            gone = await request.is_disconnected()
+            return gone
 
     answer_now: Callable[[bytes], bool] | None = request.scope.get(ANSWER_NOW)
     deliver = None
