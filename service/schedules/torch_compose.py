@@ -153,7 +153,8 @@ class _SequentialCurve(Piecewise, Chainable):
             )
         start = int(self.starts[k])
         sig = _Signature(self, state)
-        token, name, size = self._tokens[k], self._names[k], self._block
+        token, size = self._tokens[k], self._block
+        name = self._names[k] if sig.lasting else None
 
         def signature(b: int) -> bytes:
             return sig.upto(start + b * size - 1)
@@ -373,7 +374,8 @@ class _ChainedCurve(Chainable):
     def _record(self, block: int, x: Matrix, sig: _Signature) -> None:
         """Keep the lr just before ``block`` (at step ``horizon + block * k - 1``) in the
         memo, under the state that decided it (see :class:`_Signature`)."""
-        _keep(self._token, self._name, block, sig.upto(self.horizon + block * self._block - 1), x)
+        name = self._name if sig.lasting else None
+        _keep(self._token, name, block, sig.upto(self.horizon + block * self._block - 1), x)
 
     def _start(self, first: int, sig: _Signature, state: ProgramState) -> tuple[int, Matrix]:
         """The block the scan starts at and the lr just before it: the latest checkpoint at
@@ -384,7 +386,8 @@ class _ChainedCurve(Chainable):
         def signature(block: int) -> bytes:
             return sig.upto(self.horizon + block * self._block - 1)
 
-        found = _resume(self._token, self._name, want, signature, self.n_groups)
+        name = self._name if sig.lasting else None
+        found = _resume(self._token, name, want, signature, self.n_groups)
         if found is not None:
             return found
         if self.horizon == 0:
@@ -538,6 +541,9 @@ class _Signature:
                 other.append(json.dumps(state.get(node.path), sort_keys=True, default=str))
         self.other = hashlib.blake2b("\n".join(other).encode(), digest_size=16).digest()
         self.stateless = not self.steps and not other
+        self.lasting = not other
+        """Whether checkpoints under this signature are worth a backing: not where a metric
+        node other than a plateau is fingerprinted whole (its every report a new signature)."""
         self._running = [(0, hashlib.blake2b(digest_size=16)) for _ in self.steps]
         self._prefix: dict[tuple[int, int], bytes] = {}
         self._seen: dict[tuple[int, ...], bytes] = {}
