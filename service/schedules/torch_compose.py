@@ -275,7 +275,10 @@ class _ChainedCurve(Chainable):
         self._chunk = chunk_steps(self.n_groups, _CHUNK)
         self._block = min(_BLOCK, self._chunk)
         # Scan checkpoints live in the module's _MEMO under this curve's token (so identical
-        # specs compiled twice never share bits they did not compute).
+        # specs compiled twice in a process never share bits they did not compute), and under
+        # its name in the backing, where every process with the same spec shares them: one
+        # computed on another replica (another CPU's or numpy's cos) may differ from a local
+        # scan in the last bits, within torch's own rounding.
         self._token = next(_TOKENS)
         self._name: str | None = None
 
