@@ -129,8 +129,8 @@ class _ScanCollector(Collector):
         scans = _SCANS[0]() if _SCANS else None
         figures = {
             "loaded": (
-                "Scans resumed from a checkpoint read from the database (after a restart, or "
-                "one another replica computed)"
+                "Reads of stored scan checkpoints that found some: a scan resuming from the "
+                "database after a restart or another replica's work (unless their state differs)"
             ),
             "saved": "Scan checkpoints written to the database",
             "dropped": "Scan checkpoints not written (the database failed, or too many pending)",

@@ -34,7 +34,7 @@ class StoredScans:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.loaded = 0
-        """Checkpoints read back (what ``lrserve_scan_checkpoints_loaded_total`` counts)."""
+        """Reads that found stored checkpoints (``lrserve_scan_checkpoints_loaded_total``)."""
         self.saved = 0
         self.dropped = 0
         self._pending: list[tuple[str, int, bytes, bytes]] = []

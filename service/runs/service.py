@@ -190,11 +190,12 @@ class Runs:
         self._statuses: dict[tuple[str, int], asyncio.Future[Any]] = {}
         """Per (run, step): the step's status being read for its waits."""
         self._deliveries: dict[str, dict[_Delivery, None]] = {}
+        """Per run: the waiting reports whose answers are delivered by the completion itself
+        (``deliver`` of :meth:`report`)."""
         self._waits: dict[str, dict[_Waiter, None]] = {}
         """Per run, the reports of this process waiting on it (see :meth:`_tick`)."""
         self._tickers: dict[str, asyncio.Task[None]] = {}
-        """Per run: the waiting reports whose answers are delivered by the completion itself
-        (``deliver`` of :meth:`report`)."""
+        """Per run with waits, its ticker task (:meth:`_tick`)."""
 
     # -- where calls run ------------------------------------------------------------------
 
