@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
 from service.api.auth import authorize, require_token
-from service.api.common import HotRoute, is_hot
+from service.api.common import HotRoute, is_hot, refuse_repeated_query
 from service.api.deps import StoreHolder
 from service.api.middleware import RequestMiddleware
 from service.api.observability import watch_cache
@@ -101,17 +101,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store_holder = store_holder
     install_handlers(app)
 
-    # Without a token there is nothing to check: no per-request dependency at all.
-    v1_deps = [Depends(require_token)] if settings.auth_enabled else []
+    # Without a token there is no auth dependency at all (it costs on every request).
+    auth_deps = [Depends(require_token)] if settings.auth_enabled else []
+    v1_deps = [*auth_deps, Depends(refuse_repeated_query)]
     v1_routers = [
         m.router
         for m in (lr, metrics, runs, inspect, preview, overrides, steering, range_test, stream)
     ]
     for router in v1_routers:
         app.include_router(router, dependencies=v1_deps)
-    app.include_router(health.router)
-    app.include_router(dashboard.router)
-    app.include_router(docs.router)
+    for router in (health.router, dashboard.router, docs.router):
+        app.include_router(router, dependencies=[Depends(refuse_repeated_query)])
     # The hot paths (endpoints marked @hot), matched before everything else (see HotRoute),
     # guarded by the same auth function as the documented routes' dependency.
     guard = authorize if settings.auth_enabled else None

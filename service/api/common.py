@@ -169,6 +169,44 @@ def query_number(request: Request, name: str, low: float, high: float) -> float 
     return value
 
 
+async def refuse_repeated_query(request: Request) -> None:
+    """A 422 when a single-valued query parameter is given more than once.
+
+    Starlette keeps the last of repeated values, so ``?step=1&step=9`` would quietly mean
+    step 9 and ``?q=a&q=b`` search for ``b``; the client meant something else. Which
+    parameters take a list (``status``, ``tag``) the operation's OpenAPI entry says. Every
+    route calls it (a dependency of the documented routes; :class:`HotRoute` by hand).
+    """
+    if not request.scope["query_string"]:
+        return  # the common case: nothing to parse
+    params = request.query_params
+    items = params.multi_items()
+    if len(items) == len(params):
+        return  # no key given twice: nothing to look up
+    single = _single_valued(request)
+    seen: set[str] = set()
+    for key, _ in items:
+        if key in seen and key in single:
+            raise validation_error(["query", key], "takes one value: give it once, not repeated")
+        seen.add(key)
+
+
+def _single_valued(request: Request) -> frozenset[str]:
+    """The query parameters of the request's operation that are not arrays (its OpenAPI
+    entry, which the app builds once and keeps)."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    document = request.app.openapi()
+    operation = document.get("paths", {}).get(path, {}).get(request.method.lower(), {})
+    names = set()
+    for parameter in operation.get("parameters", ()):
+        schema = parameter.get("schema", {})
+        kinds = [schema, *schema.get("anyOf", ())]
+        if parameter.get("in") == "query" and all(k.get("type") != "array" for k in kinds):
+            names.add(parameter["name"])
+    return frozenset(names)
+
+
 def param_doc(name: str, where: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
     """One OpenAPI parameter (for endpoints that read their parameters by hand)."""
     return {
@@ -250,13 +288,11 @@ class HotRoute(Route):
         method: str,
         guard: Callable[[Request], None] | None = None,
     ) -> None:
-        if guard is None:
-            handler = endpoint
-        else:
-
-            async def handler(request: Request) -> Response:
+        async def handler(request: Request) -> Response:
+            if guard is not None:
                 guard(request)
-                return await endpoint(request)
+            await refuse_repeated_query(request)
+            return await endpoint(request)
 
         super().__init__(path, handler, methods=[method], name=endpoint.__name__)
         self.methods = {method}  # as the FastAPI route: no implicit HEAD

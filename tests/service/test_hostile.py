@@ -498,6 +498,39 @@ CASES: list[Case] = [
     Case("lr-step-negative", "GET", f"/v1/runs/{VICTIM}/lr", params={"step": -1}, names=("step",)),
     Case("lr-step-2-64", "GET", f"/v1/runs/{VICTIM}/lr", params={"step": 2**64}, names=("step",)),
     Case("lr-step-text", "GET", f"/v1/runs/{VICTIM}/lr", params={"step": "1e3"}, names=("step",)),
+    # A single-valued parameter given twice (the last would win silently): refused, on the hot
+    # paths (read by hand) and on the documented routes alike; list ones (status, tag) repeat.
+    Case(
+        "lr-step-repeated",
+        "GET",
+        f"/v1/runs/{VICTIM}/lr",
+        params={"step": [1, 9]},
+        names=("step",),
+        postgres=True,
+    ),
+    Case(
+        "report-wait-repeated",
+        "POST",
+        METRICS,
+        {"step": 30, "values": {"val_loss": 0.5}},
+        names=("wait",),
+        params={"wait": [0, 0]},
+    ),
+    Case("list-q-repeated", "GET", "/v1/runs", params={"q": ["a", "b"]}, names=("q",)),
+    Case(
+        "list-limit-repeated",
+        "GET",
+        "/v1/runs",
+        params={"limit": [5, 6], "status": ["idle", "running"]},
+        names=("limit",),
+    ),
+    Case(
+        "curve-points-repeated",
+        "GET",
+        f"/v1/runs/{VICTIM}/curve",
+        params={"points": [10, 20]},
+        names=("points",),
+    ),
     Case(
         "lr-count-huge",
         "GET",
