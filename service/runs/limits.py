@@ -19,7 +19,9 @@ MAX_WINDOW_VALUES = 1 << 20
 MIN_GUARANTEED_WINDOW = 256
 """Every accepted spec answers a window of this many steps at step 0 within the budget."""
 MIN_GUARANTEED_STEP = 1 << 20
-"""... and a single step at any step below this one (a recursion's cost grows with the step)."""
+"""... and a single step at any step below this one to a trainer walking forward: a scan
+resumes from the checkpoints its earlier steps left (a checkpoint every 2,048 steps), so its
+cost is that of a few blocks, not of every step before (see ``service.schedules.cost``)."""
 MAX_SPEC_NODES = 4096
 """Most schedule nodes one spec (every part together) may have."""
 
@@ -50,6 +52,11 @@ def check_spec_limits(
     A run that says how long it trains (``metadata.total_steps``, or a schedule with an end)
     is held to its own length: a ChainedScheduler that scans is accepted for the steps it will
     be asked for, and a request past its end is refused when it comes, with the same message.
+
+    The step is priced as a trainer walking forward meets it: its scans resume from nearby
+    checkpoints (``check_work`` with ``resume``). A process with no checkpoint near a far
+    step (none was ever computed there, on any replica) prices it cold and may refuse it,
+    saying to ask for earlier steps first.
     """
     if program.nodes > MAX_SPEC_NODES:
         raise WorkLimitExceeded(
@@ -65,7 +72,7 @@ def check_spec_limits(
     guaranteed = MIN_GUARANTEED_STEP if horizon is None else min(MIN_GUARANTEED_STEP, horizon)
     last = max(guaranteed - 1, 0)
     try:
-        check_work(program, last, 1, budget, "one step")
+        check_work(program, last, 1, budget, "one step", resume=True)
     except WorkLimitExceeded as exc:
         raise WorkLimitExceeded(
             f"one step at step {last:,} of this spec",

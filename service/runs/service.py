@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -797,17 +798,47 @@ class Runs:
             first = key[3]
             n = min(BLOCK, MAX_STEP - first)
             work = run.schedule.work(first, n)
+            if work > self.max_work and run.schedule.recursive:
+                work = await self._resumed_work(run, first, n)
             if work > self.max_work:
                 # The block would be over the budget: the one step, if it is within it.
-                check_work(run.schedule, step, 1, self.max_work, "one step")
+                await self._check_work(run, step, 1, "one step")
                 one = await _evaluate(INLINE_WORK + 1, run.values, step, 1)
                 return StepValues(run_id, step, run.values_version, at_step(one))
-            check_work(run.schedule, first, n, self.max_work, "one step")
             values = await _evaluate(work, run.values, first, n)
             version = run.values_version
             key, index = block_of(run_id, run.created_at, version, step)
             self.cache.put(key, values)
         return StepValues(run_id, step, version, at_step(values, index))
+
+    async def _check_work(
+        self, run: Run, start: int, count: int, what: str, *, window: bool = False
+    ) -> int:
+        """:func:`check_work` for a request of ``run``: priced cold (arithmetic, inline);
+        when that is over the budget, from the scan checkpoints it would resume from."""
+        try:
+            return check_work(run.schedule, start, count, self.max_work, what, window=window)
+        except WorkLimitExceeded:
+            if not run.schedule.recursive:
+                raise
+        priced = partial(
+            check_work,
+            run.schedule,
+            start,
+            count,
+            self.max_work,
+            what,
+            window=window,
+            resume=True,
+            state=run.state,
+        )
+        return await to_thread.run_sync(priced)
+
+    async def _resumed_work(self, run: Run, start: int, count: int) -> int:
+        """``run``'s work for that window with its scans resumed from their checkpoints: in
+        a thread (it may read the database and fingerprint a large plateau state; it is
+        asked only when the cold price is over the budget)."""
+        return await to_thread.run_sync(run.schedule.resumed_work, start, count, run.state)
 
     async def window(self, run_id: str, start: int, count: int, known: RunVersion) -> Window:
         """Every group's values for ``[start, start + count)`` (see :meth:`values_at`)."""
@@ -817,7 +848,7 @@ class Runs:
         if values is None:
             run = await self.get(run_id)
             check_values(_series(run), count, "this window")
-            work = check_work(run.schedule, start, count, self.max_work, "this window", window=True)
+            work = await self._check_work(run, start, count, "this window", window=True)
             values = await _evaluate(work, run.values, start, count)
             version = run.values_version
             self.cache.put((run_id, run.created_at, version, start, count), values)
@@ -831,7 +862,7 @@ class Runs:
         check_span(start, stop, self.max_curve_span)
         check_values(_series(run), min(stop - start, points), "this curve")
         try:
-            check_work(run.schedule, start, stop - start, self.max_work, "this curve")
+            await self._check_work(run, start, stop - start, "this curve")
         except WorkLimitExceeded:
             # Too long to evaluate densely (a long run with many groups): sample the start of
             # each bucket instead, as much of it as the budget allows.

@@ -198,6 +198,19 @@ class Timeline:
         programs = [self.base, *(s.shape for s in self._segments)]
         return sum(p.work(start, count) for p in programs)
 
+    def resumed_work(self, start: int, count: int, state: Mapping[str, Any] | None) -> int:
+        """:meth:`work` with scans counted from their checkpoints (``Program.resumed_work``).
+
+        An amendment's program is compiled over the run's values where it starts, not
+        over ``shape``: with ``state``, a run with amendments keeps the cold price (its
+        programs' checkpoints are not looked up); ``state=None`` (the forward walk) prices
+        every program so."""
+        if not self._segments:
+            return self.base.resumed_work(start, count, state)
+        if state is not None:
+            return self.work(start, count)
+        return sum(p.resumed_work(start, count, None) for p in self.programs())
+
     def held_bytes(self, start: int, count: int) -> int:
         """Most memory a recursion holds at once for that window."""
         if not self._segments:

@@ -46,7 +46,7 @@ from service.runs.model import (
 )
 from service.runs.repository import ReportRow, RunRecord, RunTx, Store, dumps, utcnow
 from service.runs.states import load_in, read_state, save_in
-from service.schedules.cost import WORK_BUDGET, check_work
+from service.schedules.cost import WORK_BUDGET, WorkLimitExceeded, check_work
 
 
 @dataclass
@@ -126,8 +126,9 @@ def report(
         # The answer carries the values of step + 1: refused before anything is written. (A
         # schedule without a recursion costs the same at every step: PUT checked that.)
         schedule = compile_run(run.spec, run.amendments)
+        state = load_in(tx)
         if schedule.recursive:
-            check_work(schedule, step + 1, 1, max_work, "one step")
+            check_work(schedule, step + 1, 1, max_work, "one step", resume=True, state=state)
         inserted = tx.insert_report_if_absent(
             ReportRow(step, rank, values_text, tx.now, run.branch)
         )
@@ -142,7 +143,6 @@ def report(
             existing = [
                 (r, text) for r, text in tx.rank_values_at(step) if r != rank or not inserted
             ]
-        state = load_in(tx)
         plan: ReportPlan = plan_report(
             compiled,
             schedule,
@@ -449,7 +449,23 @@ def extend_lease(
             what = "this window" if count > 1 else "one step"
             if count > 1:
                 check_values(sum(len(f) for f in schedule.fields.values()), count, what)
-            check_work(schedule, until - count, count, max_work, what, window=count > 1)
+            try:
+                check_work(schedule, until - count, count, max_work, what, window=count > 1)
+            except WorkLimitExceeded:
+                if not schedule.recursive:
+                    raise
+                # Priced again from the checkpoints its scans resume from (the state read
+                # only now: a lease within the cold price never reads it).
+                check_work(
+                    schedule,
+                    until - count,
+                    count,
+                    max_work,
+                    what,
+                    window=count > 1,
+                    resume=True,
+                    state=load_in(tx),
+                )
         if until > run.leased_until:
             run.leased_until = lease_end(until)
             tx.save_lease()

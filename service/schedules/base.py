@@ -156,6 +156,23 @@ class CompileContext:
         return arr.reshape(-1, 1)
 
 
+@dataclass(frozen=True)
+class ScanResume:
+    """How to price a window whose scans resume from their checkpoints (:meth:`Curve.scanned`).
+
+    ``start`` is the window's first step in the curve's own time. With ``state``, a scan
+    counts from the latest checkpoint valid for that state that the process can find (its
+    memo, then the scan backing: this may read the database); with ``state=None``, from one
+    at most ``_LOAD_GAP + 1`` blocks back, as a trainer walking forward always finds."""
+
+    start: int
+    state: ProgramState | None = None
+
+    def at(self, start: int) -> ScanResume:
+        """The same pricing for a child whose window starts at ``start`` of its own time."""
+        return ScanResume(max(start, 0), self.state)
+
+
 class Curve(ABC):
     """A schedule node compiled for a fixed list of parameter groups: the value protocol.
 
@@ -182,16 +199,20 @@ class Curve(ABC):
         for child in self.children():
             yield from child.metric_nodes()
 
-    def scanned(self, end: int) -> tuple[int, int]:
+    def scanned(self, end: int, resume: ScanResume | None = None) -> tuple[int, int]:
         """An upper bound of the work model (:mod:`.cost`) for a recursion no closed form
         replaces: ``(steps, held)``, how many steps evaluating any local steps below ``end``
         may go through one by one (ChainedScheduler's scan, MultiplicativeLR's running
-        product), and how many of them are held in memory at once. Caches are ignored, so
-        the bound depends on the spec and ``end`` only. Default: the children's, at the same
-        ``end`` (a child's local time is never later than its parent's)."""
+        product), and how many of them are held in memory at once.
+
+        Without ``resume``, caches are ignored, so the bound depends on the spec and ``end``
+        only (a cold process scans from the start). With it, a scan is counted from the
+        checkpoint it would resume from (see :class:`ScanResume`). Default: the children's,
+        at the same ``end`` and ``resume`` (a child's local time is never later than its
+        parent's; a curve whose children run in another time maps ``resume`` itself)."""
         steps = held = 0
         for child in self.children():
-            s, h = child.scanned(end)
+            s, h = child.scanned(end, resume)
             steps, held = steps + s, max(held, h)
         return steps, held
 

@@ -21,6 +21,14 @@ a MultiplicativeLR) goes through one by one to reach ``end``, caches ignored, so
 same request costs the same on every replica, warm or cold. Answering costs ``W_VALUE``
 per value (conversion and JSON).
 
+That cold price is an upper bound. A window it puts over the budget is priced again from
+the scan checkpoints it would resume from (:func:`check_work` with ``resume``): those the
+process finds for the run's state (its memo, then the database's), or, for the promise an
+accepted spec makes, those a trainer walking forward always leaves (a checkpoint every
+2,048 steps). A chain with many groups that scans far into a long run is then served at the
+cost of the window, as a trainer asks for it; a step far past every checkpoint is refused
+with advice to ask for earlier steps first.
+
 The constants were fitted on the kinds of schedule the issue that introduced this module
 measured (a ChainedScheduler of 22,528 StepLR nodes, 1,024 groups, a 745-character
 expression at step 67 million); see ``docs/operations.md``, "Request limits and the work
@@ -29,11 +37,11 @@ budget".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from .base import MAX_STEP, Curve
+from .base import MAX_STEP, Curve, ScanResume
 from .expr import Expr
 from .piecewise import Piecewise
 
@@ -110,8 +118,8 @@ class PartCost:
     recursive: bool = True
     """Whether any node scans (False: ``scanned`` is 0 at every step, no walk needed)."""
 
-    def work(self, count: int, end: int) -> int:
-        scanned = self.curve.scanned(end)[0] if self.recursive else 0
+    def work(self, count: int, end: int, resume: ScanResume | None = None) -> int:
+        scanned = self.curve.scanned(end, resume)[0] if self.recursive else 0
         per_value = self.nodes * W_NODE
         work = count * (self.groups * per_value + self.exprs) + self.total_nodes * W_CALL
         if scanned:
@@ -155,10 +163,17 @@ def _exprs(value: object) -> Iterable[Expr]:
     return ()
 
 
-def window_work(parts: Sequence[PartCost], series: int, start: int, count: int) -> int:
-    """Work of evaluating and answering ``[start, start + count)`` of these parts."""
+def window_work(
+    parts: Sequence[PartCost],
+    series: int,
+    start: int,
+    count: int,
+    resume: ScanResume | None = None,
+) -> int:
+    """Work of evaluating and answering ``[start, start + count)`` of these parts (with
+    ``resume``: scans counted from their checkpoints, see :class:`~.base.ScanResume`)."""
     end = start + count
-    return sum(p.work(count, end) for p in parts) + count * series * W_VALUE
+    return sum(p.work(count, end, resume) for p in parts) + count * series * W_VALUE
 
 
 def held_bytes(parts: Sequence[PartCost], start: int, count: int) -> int:
@@ -169,32 +184,56 @@ def held_bytes(parts: Sequence[PartCost], start: int, count: int) -> int:
 class Costed(Protocol):
     """A compiled schedule the work model can price (a Program, a run's Timeline)."""
 
+    @property
+    def recursive(self) -> bool: ...
+
     def work(self, start: int, count: int) -> int: ...
+
+    def resumed_work(self, start: int, count: int, state: Mapping[str, Any] | None) -> int: ...
 
     def held_bytes(self, start: int, count: int) -> int: ...
 
 
 def check_work(
-    schedule: Costed, start: int, count: int, budget: int, what: str, *, window: bool = False
+    schedule: Costed,
+    start: int,
+    count: int,
+    budget: int,
+    what: str,
+    *,
+    window: bool = False,
+    resume: bool = False,
+    state: Mapping[str, Any] | None = None,
 ) -> int:
     """The work of ``[start, start + count)``, or :class:`WorkLimitExceeded` when it is over
     ``budget`` or would hold more than ``MAX_HELD_BYTES``. ``window``: the request can ask for
-    fewer steps (the refusal then names the largest ``count`` that fits)."""
+    fewer steps (the refusal then names the largest ``count`` that fits).
+
+    A window over the budget priced cold (every scan from its start, as a process that has
+    computed nothing pays) is priced again with ``resume``: its scans from the checkpoints
+    they would resume from, those found for ``state`` (this may read the scan backing, so
+    not on an event loop whose store reads block), or with ``state=None`` those a trainer
+    walking forward always leaves (what an accepted spec promises, see runs.limits)."""
     work = schedule.work(start, count)
+    resumed = resume and schedule.recursive and work > budget
+    if resumed:
+        work = schedule.resumed_work(start, count, state)
     if work > budget:
-        fits = _largest_count(schedule, start, count, budget) if window else 0
+        fits = _largest_count(schedule, start, count, budget, resumed, state) if window else 0
         if fits:
             advice = f"ask for count <= {fits} from step {start}"
         elif count > 1 and window:
             advice = (
                 f"no window from step {start} fits: the schedule is evaluated step by step up "
-                "to there; ask for an earlier step"
+                "to there from its last checkpoint; ask for an earlier step first (every "
+                "answer keeps checkpoints that later steps resume from)"
             )
         else:
             advice = (
-                "the schedule is evaluated step by step up to there (MultiplicativeLR, or a "
-                "ChainedScheduler past its closed-form range): ask for an earlier step or "
-                "fewer steps, or use a closed-form schedule"
+                "the schedule is evaluated step by step up to there from its last checkpoint "
+                "(MultiplicativeLR, or a ChainedScheduler past its closed-form range): ask for "
+                "an earlier step first (every answer keeps checkpoints that later steps resume "
+                "from) or fewer steps, or use a closed-form schedule"
             )
         raise WorkLimitExceeded(what, "work", work, budget, advice, fits or None)
     held = schedule.held_bytes(start, count)
@@ -210,11 +249,21 @@ def check_work(
     return work
 
 
-def _largest_count(schedule: Costed, start: int, count: int, budget: int) -> int:
-    lo, hi = 0, count - 1  # the largest n in [0, count) with work(start, n) <= budget
+def _largest_count(
+    schedule: Costed,
+    start: int,
+    count: int,
+    budget: int,
+    resumed: bool,
+    state: Mapping[str, Any] | None,
+) -> int:
+    def work(n: int) -> int:
+        return schedule.resumed_work(start, n, state) if resumed else schedule.work(start, n)
+
+    lo, hi = 0, count - 1  # the largest n in [0, count) with work(n) <= budget
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if schedule.work(start, mid) <= budget:
+        if work(mid) <= budget:
             lo = mid
         else:
             hi = mid - 1

@@ -40,7 +40,7 @@ from itertools import pairwise
 import numpy as np
 import numpy.typing as npt
 
-from .base import Curve, GroupBase, Matrix, ProgramState, Steps
+from .base import Curve, GroupBase, Matrix, ProgramState, ScanResume, Steps
 
 Selector = slice | npt.NDArray[np.intp]
 
@@ -102,6 +102,16 @@ class Piecewise(Curve):
 
     def children(self) -> Sequence[Curve]:
         return self.kids
+
+    def scanned(self, end: int, resume: ScanResume | None = None) -> tuple[int, int]:
+        # Children run in their own time: a resumed window starts at step start - starts[k]
+        # of child k (``end`` stays the bound: a child's local time is never later).
+        steps = held = 0
+        for start, child in zip(self.starts, self.kids, strict=True):
+            local = None if resume is None else resume.at(resume.start - int(start))
+            s, h = child.scanned(end, local)
+            steps, held = steps + s, max(held, h)
+        return steps, held
 
     def segments(self, t: Steps) -> tuple[npt.NDArray[np.intp], Steps]:
         """The active child per step and the step in that child's own time."""

@@ -41,6 +41,7 @@ from .base import (
     MetricCurve,
     NonNegReal,
     ProgramState,
+    ScanResume,
     SpecError,
 )
 from .cost import PartCost, part_cost
@@ -410,6 +411,15 @@ class Program:
         if self._affine is not None:
             return self._affine[0] * count + self._affine[1]
         return _window_work(self._costs, self.series, start, count)
+
+    def resumed_work(self, start: int, count: int, state: Mapping[str, Any] | None) -> int:
+        """:meth:`work` with every scan counted from the checkpoint it would resume from: the
+        latest valid for ``state`` this process finds (memo, then scan backing; it may read
+        the database), or with ``state=None`` the one a trainer walking forward leaves."""
+        if not self.recursive:
+            return self.work(start, count)
+        full = None if state is None else self._full_state(state)
+        return _window_work(self._costs, self.series, start, count, ScanResume(start, full))
 
     def held_bytes(self, start: int, count: int) -> int:
         """Most memory a recursion holds at once for that window (see :mod:`.cost`)."""

@@ -40,6 +40,7 @@ from .base import (
     NonNegInt,
     PosInt,
     ProgramState,
+    ScanResume,
     ScheduleNode,
     SpecError,
     Steps,
@@ -159,7 +160,7 @@ class _SequentialCurve(Piecewise, Chainable):
         def signature(b: int) -> bytes:
             return sig.upto(start + b * size - 1)
 
-        found = _resume(token, name, int(local.min()) // size, signature, self.n_groups)
+        found = self._checkpoint(k, int(local.min()), sig)
         if found is None:
             block = 0
             x = self.lr(np.asarray([start - 1], dtype=np.float64), state)[:, 0]
@@ -189,14 +190,39 @@ class _SequentialCurve(Piecewise, Chainable):
                 pos = stop
         return out
 
-    def scanned(self, end: int) -> tuple[int, int]:
-        steps, held = super().scanned(end)
+    def _checkpoint(self, k: int, first: int, sig: _Signature) -> tuple[int, Matrix] | None:
+        """The latest checkpoint of segment ``k``'s scan at or before the block of its local
+        step ``first``, valid under ``sig`` (see :func:`_resume`)."""
+        start, size = int(self.starts[k]), self._block
+
+        def signature(b: int) -> bytes:
+            return sig.upto(start + b * size - 1)
+
+        name = self._names[k] if sig.lasting else None
+        return _resume(self._tokens[k], name, first // size, signature, self.n_groups)
+
+    def scanned(self, end: int, resume: ScanResume | None = None) -> tuple[int, int]:
+        steps = held = 0
         for k, child in enumerate(self.chain):
             start = int(self.starts[k])
-            if start > 0 and end > start and child.restart_map({}) is not None:
-                # segment_lr may scan the segment from its milestone up to its last asked
-                # step (checkpoints ignored, as the work model wants), a chunk at a time.
+            if start == 0 or child.restart_map({}) is None:
+                # The child's own values (lr, restart_lr), in its own time.
+                local = None if resume is None else resume.at(resume.start - start)
+                s, h = self.kids[k].scanned(end, local)
+                steps, held = steps + s, max(held, h)
+            elif end > start:
+                # segment_lr scans the segment from its milestone up to its last asked step
+                # (from its checkpoint, when resumed), a chunk at a time, with the child's
+                # maps only (never its own lr: its own recursion is not run).
                 n = min(end - start, MAX_SCAN)
+                if resume is not None:
+                    first = max(resume.start - start, 0)
+                    if resume.state is None:
+                        block = _walk_block(first // self._block)
+                    else:
+                        found = self._checkpoint(k, first, _Signature(self, resume.state))
+                        block = 0 if found is None else found[0]
+                    n = max(n - block * self._block, 0)
                 steps, held = steps + n, max(held, min(n, self._chunk))
         return steps, held
 
@@ -292,10 +318,19 @@ class _ChainedCurve(Chainable):
     def mult_horizon(self) -> int:
         return self.horizon
 
-    def scanned(self, end: int) -> tuple[int, int]:
-        steps, held = super().scanned(end)
+    def scanned(self, end: int, resume: ScanResume | None = None) -> tuple[int, int]:
+        steps, held = super().scanned(end, resume)
         if end > self.horizon:
             n = min(end, self.horizon + MAX_SCAN) - self.horizon
+            if resume is not None and resume.start > self.horizon:
+                # The scan starts at the checkpoint of the window's first step (lr, _start).
+                want = (resume.start - self.horizon) // self._block
+                if resume.state is None:
+                    block = _walk_block(want)
+                else:
+                    found = self._checkpoint(want, _Signature(self, resume.state))
+                    block = 0 if found is None else found[0]
+                n = max(n - block * self._block, 0)
             steps, held = steps + n, max(held, min(n, self._chunk))
         return steps, held
 
@@ -380,17 +415,20 @@ class _ChainedCurve(Chainable):
         name = self._name if sig.lasting else None
         _keep(self._token, name, block, sig.upto(self.horizon + block * self._block - 1), x)
 
-    def _start(self, first: int, sig: _Signature, state: ProgramState) -> tuple[int, Matrix]:
-        """The block the scan starts at and the lr just before it: the latest checkpoint at
-        or before the block of step ``first`` that is valid for this state, else block 0 from
-        the closed-form product at ``horizon - 1``."""
-        want = (first - self.horizon) // self._block
+    def _checkpoint(self, want: int, sig: _Signature) -> tuple[int, Matrix] | None:
+        """The latest checkpoint at or before block ``want`` valid under ``sig``."""
 
         def signature(block: int) -> bytes:
             return sig.upto(self.horizon + block * self._block - 1)
 
         name = self._name if sig.lasting else None
-        found = _resume(self._token, name, want, signature, self.n_groups)
+        return _resume(self._token, name, want, signature, self.n_groups)
+
+    def _start(self, first: int, sig: _Signature, state: ProgramState) -> tuple[int, Matrix]:
+        """The block the scan starts at and the lr just before it: the latest checkpoint at
+        or before the block of step ``first`` that is valid for this state, else block 0 from
+        the closed-form product at ``horizon - 1``."""
+        found = self._checkpoint((first - self.horizon) // self._block, sig)
         if found is not None:
             return found
         if self.horizon == 0:
@@ -470,6 +508,13 @@ def _resume(
         _MEMO.put((token, block, stored_signature), x)
         return block, x
     return best
+
+
+def _walk_block(want: int) -> int:
+    """The block a trainer walking forward resumes from when it needs block ``want``: the
+    memo keeps every block edge a scan passes, and a backing is read when the memo's latest
+    is more than ``_LOAD_GAP`` blocks back, so the scan starts at most that far back."""
+    return max(want - _LOAD_GAP, 0)
 
 
 def _keep(token: int, name: str | None, block: int, signature: bytes, x: Matrix) -> None:
@@ -723,8 +768,9 @@ class _EpochsCurve(Chainable):
     def restart_map(self, state: ProgramState) -> tuple[Matrix, Matrix] | None:
         return self.chain.restart_map(state)
 
-    def scanned(self, end: int) -> tuple[int, int]:
-        return self.child.scanned(-(-end // self.spe) + 1)
+    def scanned(self, end: int, resume: ScanResume | None = None) -> tuple[int, int]:
+        epoch = None if resume is None else resume.at(resume.start // self.spe)
+        return self.child.scanned(-(-end // self.spe) + 1, epoch)
 
     def mult_horizon(self) -> int:
         if self.fractional:

@@ -26,6 +26,7 @@ from .base import (
     Curve,
     Matrix,
     ProgramState,
+    ScanResume,
     ScheduleNode,
     SpecError,
     Steps,
@@ -187,8 +188,9 @@ class MultiplicativeCurve(Chainable):
     def mult_horizon(self) -> int:
         return MAX_STEP
 
-    def scanned(self, end: int) -> tuple[int, int]:
-        # lr(t) accumulates every step from the last checkpoint (0 when cold) to t.
+    def scanned(self, end: int, resume: ScanResume | None = None) -> tuple[int, int]:
+        # lr(t) accumulates every step from the last checkpoint (0 when cold) to t. (Its
+        # checkpoints live in this process only: priced cold, resumed or not.)
         steps = min(max(end, 0), MULTIPLICATIVE_EXACT_STEPS + 1)
         return steps, min(steps, self._chunk_steps)
 

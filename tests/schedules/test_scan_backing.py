@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from service.schedules import Program, ScheduleSpec, set_scan_backing, torch_compose
+from service.schedules.cost import WorkLimitExceeded, check_work
 from tests.schedules.conftest import assert_matches
 from tests.schedules.test_compose_checkpoints import (
     COS,
@@ -176,3 +177,86 @@ def test_a_failing_store_costs_the_scan_and_changes_no_value(
         store.close()
     assert_matches(values, plain[:, FAR:], RTOL)
     assert scans.loaded == 0 and scans.saved == 0 and scans.dropped > 0
+
+
+# --- pricing from checkpoints (service.schedules.cost: check_work with resume) ---------------
+
+
+def _from_block_start(p: Program, start: int, count: int, blocks_back: int = 0) -> int:
+    """The cold price of the window whose scan covers what a window at ``start`` scans from
+    the checkpoint ``blocks_back`` blocks before its own: the same steps, from near the
+    chain's horizon (where cold and resumed scans are one)."""
+    chain = chain_curve(p)
+    offset = (start - chain.horizon) % chain._block + blocks_back * chain._block
+    return p.work(chain.horizon + offset, count)
+
+
+def test_a_window_is_priced_from_the_checkpoint_it_resumes_from(backing: DictBacking) -> None:
+    p = program([EXP, COS])
+    cold = p.work(FAR, COUNT)
+    # Nothing computed yet, in this process or in the backing: the cold price.
+    assert p.resumed_work(FAR, COUNT, {}) == cold
+    window(p, None, FAR, COUNT)
+    resumed = p.resumed_work(FAR, COUNT, {})
+    assert resumed == _from_block_start(p, FAR, COUNT) < cold / 50
+    # A budget between the two: refused cold, served resumed (and the refusal priced cold
+    # still names a count that fits).
+    budget = (resumed + cold) // 2
+    with pytest.raises(WorkLimitExceeded):
+        check_work(p, FAR, COUNT, budget, "w", window=True)
+    assert check_work(p, FAR, COUNT, budget, "w", window=True, resume=True, state={}) == resumed
+    # A restarted process prices from the backing's checkpoint (and keeps it in its memo:
+    # the evaluation that follows reads nothing again and scans only after it).
+    again = program([EXP, COS])
+    assert again.resumed_work(FAR, COUNT, {}) == resumed
+    loads, backing.saves[:] = len(backing.loads), []
+    window(again, None, FAR, COUNT)
+    assert len(backing.loads) == loads
+    assert all(b > FAR // chain_curve(again)._block - 1 for _, b in backing.saves)
+    # The promise to a trainer walking forward (state=None): a scan from at most _LOAD_GAP
+    # blocks back, whatever is stored.
+    gap = torch_compose._LOAD_GAP
+    assert program([EXP, COS]).resumed_work(FAR, COUNT, None) == _from_block_start(
+        p, FAR, COUNT, gap
+    )
+
+
+def test_a_checkpoint_of_another_state_is_not_priced(backing: DictBacking) -> None:
+    nodes = [EXP, ROP, COS]
+    p = program(nodes)
+    state = feed(p, {100: 1.0, 50_000: 1.0})
+    window(p, state, FAR, COUNT)
+    cold, resumed = p.work(FAR, COUNT), p.resumed_work(FAR, COUNT, state)
+    assert resumed < cold / 50
+    # One more reduction before FAR: the checkpoints after it are stale for the new state,
+    # which resumes from one before it (still far less than cold).
+    grown, decision = p.observe(state, 120_000, {"loss": 1.0})
+    assert decision["reduced"]
+    assert resumed < p.resumed_work(FAR, COUNT, grown) < cold
+    # Its own window then scans from there, and prices from its own checkpoints.
+    window(p, grown, FAR, COUNT)
+    assert p.resumed_work(FAR, COUNT, grown) == resumed
+
+
+def test_restarted_sequential_segments_are_priced_from_their_checkpoints(
+    backing: DictBacking,
+) -> None:
+    spec = ScheduleSpec.model_validate(
+        {
+            "groups": [{"name": f"g{i}", "lr": lr} for i, lr in enumerate(LRS)],
+            "schedule": {
+                "type": "SequentialLR",
+                "schedulers": [
+                    {"type": "LinearLR", "start_factor": 0.5, "total_iters": 10},
+                    {"type": "MultiplicativeLR", "lr_lambda": "0.99999"},
+                ],
+                "milestones": [1_000],
+            },
+        }
+    )
+    p = Program(spec)
+    cold = p.work(FAR, COUNT)
+    assert p.resumed_work(FAR, COUNT, {}) == cold
+    p.evaluate(None, FAR, COUNT)
+    assert p.resumed_work(FAR, COUNT, {}) < cold / 20
+    assert Program(spec).resumed_work(FAR, COUNT, {}) == p.resumed_work(FAR, COUNT, {})

@@ -325,26 +325,43 @@ def test_a_recursion_that_cannot_reach_the_guaranteed_step_is_refused_at_put(
         work_problem(late, "work")
 
 
-def test_a_run_that_states_its_length_is_held_to_it(srv: ServerProcess) -> None:
-    """A scanning ChainedScheduler over 8 groups cannot answer step 2^20 within the budget,
-    but a run that says it trains 200,000 steps is accepted, answers its last step, and a
-    request past the budget is refused when it comes, without changing the run."""
+def test_a_scanning_chain_is_served_as_a_trainer_walks_it(srv: ServerProcess) -> None:
+    """A scanning ChainedScheduler over 8 groups would cost more than the budget at step
+    2^20 scanned from step 0, but a trainer walking forward meets every step at the cost of
+    a few blocks (each scan resumes from the checkpoints the steps before it left): the spec
+    is accepted without a stated length. A far step no checkpoint is near is refused when it
+    comes, saying to ask for earlier steps first, and nothing changes; walked to, it is
+    served, with the values of a scan from step 0."""
+
     spec: dict[str, Any] = {
         "groups": groups(8),
         "schedule": {
             "type": "ChainedScheduler",
             "schedulers": [
                 {"type": "CosineAnnealingLR", "T_max": 1000, "eta_min": 0.001},
-                {"type": "ExponentialLR", "gamma": 0.9999},
+                # (its own gamma: no other test's run shares this spec's stored checkpoints)
+                {"type": "ExponentialLR", "gamma": 0.99990001},
             ],
         },
     }
+    far = (1 << 20) - 1
+    assert Program(ScheduleSpec.model_validate(spec)).work(far, 1) > WORK_BUDGET
     with srv.client() as c:
-        work_problem(c.put(f"/v1/runs/{new_id()}", json=spec), "work")
         rid = new_id()
-        spec["metadata"] = {"total_steps": 200_000}
         assert c.put(f"/v1/runs/{rid}", json=spec).status_code == 201
-        assert c.get(f"/v1/runs/{rid}/lr", params={"step": 199_999}).status_code == 200
+        before = c.get(f"/v1/runs/{rid}").json()
+        problem = work_problem(c.get(f"/v1/runs/{rid}/lr", params={"step": far}), "work")
+        assert "earlier step first" in problem["detail"]
+        assert c.get(f"/v1/runs/{rid}").json() == before
+        for step in range(0, far, 4096):
+            r = c.get(f"/v1/runs/{rid}/lr", params={"step": step})
+            assert r.status_code == 200, (step, r.text)
+        r = c.get(f"/v1/runs/{rid}/lr", params={"step": far})
+        assert r.status_code == 200, r.text
+        cold = Program(ScheduleSpec.model_validate(spec)).evaluate(None, far, 1)
+        for name, fields in r.json()["groups"].items():
+            assert fields["lr"] == pytest.approx(float(cold[name]["lr"][0]), rel=1e-12)
+        # Past every checkpoint again: refused, the run as it was.
         before = c.get(f"/v1/runs/{rid}").json()
         work_problem(c.get(f"/v1/runs/{rid}/lr", params={"step": 1 << 22}), "work")
         assert c.get(f"/v1/runs/{rid}").json() == before
