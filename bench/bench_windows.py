@@ -12,6 +12,10 @@ schedule shape, a base rate per group) at 1 and 256 groups. Then, in the same ru
    reference.
 2. ``step()`` of a RemoteScheduler with default settings at 256 groups over ``--steps``
    steps, refreshes included: the slowest single step, the 99.9th percentile and the median.
+3. A ChainedScheduler that scans (CosineAnnealingLR with ``eta_min``) at 256 groups, created
+   without a stated length, walked window by window (binary refreshes, each window new) from
+   step 0 to ``--far``: the median refresh of the last windows over that of the first (its
+   scans resume from the checkpoints the windows before left), and the walk's total time.
 """
 
 from __future__ import annotations
@@ -47,9 +51,18 @@ SCHEDULE = {
 }
 
 
-def spec(n: int) -> dict[str, Any]:
+CHAIN = {
+    "type": "ChainedScheduler",
+    "schedulers": [
+        {"type": "ExponentialLR", "gamma": 0.999999},
+        {"type": "CosineAnnealingLR", "T_max": 2000, "eta_min": 1e-6},
+    ],
+}
+
+
+def spec(n: int, schedule: dict[str, Any] = SCHEDULE) -> dict[str, Any]:
     groups = [{"name": f"layer{i}", "lr": 1e-3 * 0.98**i} for i in range(n)]
-    return {"groups": groups, "schedule": SCHEDULE}
+    return {"groups": groups, "schedule": schedule}
 
 
 def optimizer(n: int) -> torch.optim.Optimizer:
@@ -74,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--steps", type=int, default=20_000)
+    ap.add_argument("--far", type=int, default=1_000_000)
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -124,9 +138,31 @@ def main() -> None:
                 f"slowest {times[-1] * 1e3:.2f} ms, p99.9 {p999:.3f} ms, median {med:.4f} ms, "
                 f"steps over 2 ms: {sum(t > 2e-3 for t in times)}"
             )
+            walk_chain(url, args.far, args.reps)
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def walk_chain(url: str, far: int, reps: int) -> None:
+    """Section 3: a scanning chain at 256 groups walked to ``far``, window by window."""
+    opt = optimizer(256)
+    with lrserve.Client(url, timeout=120) as client:
+        client.create_run("chain256", spec(256, CHAIN))  # accepted: no metadata.total_steps
+        times = []
+        t0 = time.perf_counter()
+        for start in range(0, far + COUNT * reps, COUNT):
+            times.append(refresh_ms(client, "chain256", opt, start, True))
+            if len(times) % 50 == 0:
+                print(f"  walked to step {start + COUNT:,}", file=sys.stderr)
+        walk = time.perf_counter() - t0
+    first = statistics.median(times[1 : reps + 1])  # (the run's first read compiles it)
+    last = statistics.median(times[-reps:])
+    print(
+        f"\nscanning ChainedScheduler at 256 groups, walked in {len(times)} windows of {COUNT} "
+        f"steps to step {far + COUNT * reps:,} in {walk:.1f} s: median refresh at step 0 "
+        f"{first:.2f} ms, past step {far:,} {last:.2f} ms, ratio {last / first:.2f}x"
+    )
 
 
 if __name__ == "__main__":
