@@ -48,6 +48,7 @@ from pydantic import ValidationError
 from service.runs.errors import InvalidArgument
 from service.schedules import Program, ScheduleSpec
 from service.schedules.base import MAX_STEP, ProgramState, SpecError
+from service.schedules.cost import WORK_BUDGET
 
 Values = dict[str, dict[str, npt.NDArray[np.float64]]]
 Slot = tuple[str, str]
@@ -201,15 +202,40 @@ class Timeline:
     def resumed_work(self, start: int, count: int, state: Mapping[str, Any] | None) -> int:
         """:meth:`work` with scans counted from their checkpoints (``Program.resumed_work``).
 
-        An amendment's program is compiled over the run's values where it starts, not
-        over ``shape``: with ``state``, a run with amendments keeps the cold price (its
-        programs' checkpoints are not looked up); ``state=None`` (the forward walk) prices
-        every program so."""
+        With ``state``, each program is priced over the part of the window it serves, in
+        its own steps and state, as :meth:`evaluate` runs it (an amendment on the run's
+        current values: the program rebased on them, and the one step of the timeline
+        before it that gives them). ``state=None`` (the forward walk) prices every program
+        over the whole window."""
         if not self._segments:
             return self.base.resumed_work(start, count, state)
-        if state is not None:
-            return self.work(start, count)
-        return sum(p.resumed_work(start, count, None) for p in self.programs())
+        if state is None:
+            return sum(p.resumed_work(start, count, None) for p in self.programs())
+        stop = start + count
+        cuts = sorted(
+            {start, stop} | {s.from_step for s in self._segments if start < s.from_step < stop}
+        )
+        return sum(
+            self._segment_work(owner, state, a, b - a)
+            for a, b in pairwise(cuts)
+            for owner in _by_owner(self._owners(a))
+        )
+
+    def _segment_work(
+        self, segment: _Segment | None, state: Mapping[str, Any], start: int, count: int
+    ) -> int:
+        """:meth:`resumed_work` of what ``_segment_values`` evaluates."""
+        if segment is None:
+            return self.base.resumed_work(start, count, state)
+        local = start - segment.from_step if segment.restart else start
+        own = _own_state(state, segment.n)
+        if not segment.current_base:
+            return segment.shape.resumed_work(local, count, own)
+        before = self._before(segment).resumed_work(segment.from_step - 1, 1, state)
+        if before > WORK_BUDGET:
+            # Not evaluated to price it: the program rebased on it is priced as its shape.
+            return before + segment.shape.work(local, count)
+        return before + self._program(segment, state).resumed_work(local, count, own)
 
     def held_bytes(self, start: int, count: int) -> int:
         """Most memory a recursion holds at once for that window."""

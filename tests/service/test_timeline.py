@@ -189,3 +189,40 @@ def test_an_amendment_that_does_not_fit_the_run_is_refused(
 ) -> None:
     with pytest.raises(error):
         timeline(_spec(FIRSTS[0]), [_amend(1, 10, **body)]).evaluate({}, 10, 1)
+
+
+def test_an_amended_scanning_chain_is_priced_from_the_checkpoints_of_its_programs() -> None:
+    """Far into a run whose scanning ChainedScheduler was amended (restarted on the current
+    values), a window is priced as it is evaluated: the amendment's rebased program from its
+    own checkpoints, and the one step of the spec's program before it (the base values)."""
+    from service.schedules.cost import WorkLimitExceeded, check_work
+
+    chain = {
+        "type": "ChainedScheduler",
+        "schedulers": [
+            {"type": "ExponentialLR", "gamma": 0.999999},
+            {"type": "CosineAnnealingLR", "T_max": 2000, "eta_min": 1e-5},
+        ],
+    }
+    start = 60_000
+    amendment = _amend(1, start, restart=True, base="current", schedule=chain)
+    run = timeline(_spec(chain), [amendment])
+    far, count = start + 100_000, 1_000
+    cold = run.work(far, count)
+    # Nothing computed yet: the spec's program scans to the amendment, the amendment's from
+    # its start, about what the cold price says.
+    assert run.resumed_work(far, count, {}) > cold / 2
+    values = run.evaluate({}, far, count)
+    resumed = run.resumed_work(far, count, {})
+    assert resumed < cold / 20
+    budget = (resumed + cold) // 2
+    with pytest.raises(WorkLimitExceeded):
+        check_work(run, far, count, budget, "this window")
+    assert check_work(run, far, count, budget, "w", resume=True, state={}) == resumed
+    # The timeline built again over the same spec program (compiled programs are shared in
+    # a process) prices and evaluates the same: the rebased program is the one compiled.
+    again = timeline(_spec(chain), [amendment], run.base)
+    assert again.resumed_work(far, count, {}) == resumed
+    for group, fields in again.evaluate({}, far, count).items():
+        for name, series in fields.items():
+            assert np.array_equal(series, values[group][name])
