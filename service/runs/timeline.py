@@ -82,6 +82,22 @@ def _momentum_field(group: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _rebase_problems(exc: ValidationError, groups: Sequence[Mapping[str, Any]]) -> str:
+    """What of the rebased groups a spec refuses, named by group and field (at most 3)."""
+    problems = []
+    errors = exc.errors(include_url=False)
+    for error in errors[:3]:
+        loc = error.get("loc", ())
+        where = ".".join(str(p) for p in loc)
+        if len(loc) >= 3 and loc[0] == "groups" and isinstance(loc[1], int):
+            where = f"group {groups[loc[1]].get('name')!r} {'.'.join(str(p) for p in loc[2:])}"
+        value = f" = {error['input']!r}" if "input" in error else ""
+        problems.append(f"{where}{value}: {str(error.get('msg', 'invalid')).lower()}")
+    if len(errors) > 3:
+        problems.append(f"and {len(errors) - 3} more")
+    return "; ".join(problems)
+
+
 def _rebased(group: Mapping[str, Any], values: Mapping[str, float]) -> dict[str, Any]:
     """``group`` (a spec's group document) with its base values replaced by ``values``."""
     out = dict(group)
@@ -301,10 +317,11 @@ class Timeline:
         try:
             return _compile(_spec_text({"groups": groups, **segment.program_parts}))
         except (ValidationError, SpecError) as exc:
+            why = _rebase_problems(exc, groups) if isinstance(exc, ValidationError) else str(exc)
             raise SpecError(
                 ("amendments", segment.n),
                 f"the values at step {segment.from_step - 1} cannot be this amendment's base "
-                f"values: {exc}",
+                f'values: {why}. Amend with base "initial", or from another step',
             ) from None
 
     # -- reports ----------------------------------------------------------------------

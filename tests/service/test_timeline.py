@@ -226,3 +226,19 @@ def test_an_amended_scanning_chain_is_priced_from_the_checkpoints_of_its_program
     for group, fields in again.evaluate({}, far, count).items():
         for name, series in fields.items():
             assert np.array_equal(series, values[group][name])
+
+
+def test_current_values_a_spec_refuses_are_named_by_group_and_value() -> None:
+    """An amendment on the current values, where those values are not valid base values (a
+    lambda that went negative): refused with the groups, fields and values, and what to do
+    instead; not pydantic's report (with its links) verbatim."""
+    first = {"type": "LambdaLR", "lr_lambda": "1 - epoch / 50"}
+    amendment = _amend(1, 101, restart=True, base="current", schedule=FIRSTS[2])
+    run = timeline(_spec(first), [amendment])
+    expected = run.evaluate({}, 100, 1)  # (the steps before the amendment: the spec's own)
+    with pytest.raises(SpecError) as caught:
+        run.evaluate({}, 101, 1)
+    message = str(caught.value)
+    for group in ("backbone", "head"):
+        assert f"group {group!r} lr = {float(expected[group]['lr'][0])!r}" in message
+    assert 'base "initial"' in message and "http" not in message
