@@ -89,7 +89,13 @@ from service.runs.views import (
 )
 from service.schedules import set_scan_backing
 from service.schedules.base import MAX_STEP
-from service.schedules.cost import INLINE_WORK, WORK_BUDGET, WorkLimitExceeded, check_work
+from service.schedules.cost import (
+    INLINE_WORK,
+    MAX_HELD_BYTES,
+    WORK_BUDGET,
+    WorkLimitExceeded,
+    check_work,
+)
 
 T = TypeVar("T")
 
@@ -800,7 +806,7 @@ class Runs:
             work = run.schedule.work(first, n)
             if work > self.max_work and run.schedule.recursive:
                 work = await self._resumed_work(run, first, n)
-            if work > self.max_work:
+            if work > self.max_work or run.schedule.held_bytes(first, n) > MAX_HELD_BYTES:
                 # The block would be over the budget: the one step, if it is within it.
                 await self._check_work(run, step, 1, "one step")
                 one = await _evaluate(INLINE_WORK + 1, run.values, step, 1)

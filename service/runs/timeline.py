@@ -249,7 +249,8 @@ class Timeline:
             return segment.shape.resumed_work(local, count, own)
         before = self._before(segment).resumed_work(segment.from_step - 1, 1, state)
         if before > WORK_BUDGET:
-            # Not evaluated to price it: the program rebased on it is priced as its shape.
+            # Not evaluated just to price it (the default budget: a server with another one
+            # refuses or serves by its own): the program rebased on it priced as its shape.
             return before + segment.shape.work(local, count)
         return before + self._program(segment, state).resumed_work(local, count, own)
 
