@@ -125,8 +125,17 @@ class Piecewise(Curve):
     def lr(self, t: Steps, state: ProgramState) -> Matrix:
         t = np.asarray(t, dtype=np.float64)
         idx, local = self.segments(t)
+        pieces = runs(idx)
+        if len(pieces) == 1:
+            # A window within one segment (the usual case): the segment's own array (8 MB
+            # not copied at 256 groups x 4,096 steps), unless it is one a cache keeps
+            # (read-only), which the caller must not get to write.
+            values = self.segment_lr(pieces[0][0], local, state)
+            if values.flags.writeable and values.dtype == np.float64:
+                return values
+            return np.array(values, dtype=np.float64)
         out = np.empty((self.n_groups, len(t)))
-        for k, sel in runs(idx):
+        for k, sel in pieces:
             out[:, sel] = self.segment_lr(k, local[sel], state)
         return out
 

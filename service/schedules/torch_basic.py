@@ -328,8 +328,10 @@ class _CosineCurve(Chainable):
         first = (self.base - self.eta) * (self._n(t) / 2)[None, :]
         later = t > self.T
         if not later.any():
-            # In place: at 256 groups x 4,096 steps a second array is 8 MB more to fill.
-            first += self.eta
+            # In place: at 256 groups x 4,096 steps a second array is 8 MB more to fill. (With
+            # eta 0 not at all: adding +0.0 to these values, never -0.0, changes no bit.)
+            if self.eta:
+                first += self.eta
             return first
         anchor = (
             self.T + 1 + 2 * self.T * np.floor_divide(np.maximum(t - self.T - 1, 0), 2 * self.T)

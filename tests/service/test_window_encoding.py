@@ -274,3 +274,25 @@ def test_wants_binary() -> None:
     assert not wants_binary(f"{MEDIA_TYPE};q=0")
     assert not wants_binary(f"{MEDIA_TYPE};q=0.1, application/json")
     assert not wants_binary(f"{MEDIA_TYPE};q=2")
+
+
+def test_the_evaluations_own_array_is_encoded_without_a_copy() -> None:
+    """A window whose series are the rows, in order, of the one array the evaluation made
+    (one schedule over every group) is read in place; the bytes are those of the same values
+    in separate arrays, and series in another order (or from other arrays) are copied."""
+    from service.api.window_codec import _matrix
+    from service.schedules import Program, ScheduleSpec
+
+    program = Program(ScheduleSpec.model_validate(_layerwise(32, COSINE_FLOOR)))
+    values = program.evaluate(None, 100, 512)
+    rows = [fields["lr"] for fields in values.values()]
+    shared = _matrix(rows, 512)
+    assert shared is rows[0].base and all(np.array_equal(shared[j], r) for j, r in enumerate(rows))
+    copies = {g: {f: np.array(v) for f, v in fields.items()} for g, fields in values.items()}
+    assert _matrix([fields["lr"] for fields in copies.values()], 512) is not shared
+    body = encode_window("r", 100, 512, 1, values)
+    assert body == encode_window("r", 100, 512, 1, copies)
+    reordered = dict(reversed(list(values.items())))
+    back = decode_window(encode_window("r", 100, 512, 1, reordered))
+    for j, (group, field) in enumerate(back.series):
+        assert np.array_equal(back.array[:, j], reordered[group][field])
