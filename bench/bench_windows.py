@@ -1,6 +1,6 @@
 """Window refresh at many groups, and the SDK's slowest step() while refreshes happen.
 
-    .venv/bin/python bench/bench_windows.py [--reps 7] [--steps 20000]
+    .venv/bin/python bench/bench_windows.py [--reps 21] [--steps 20000] [--far 1000000]
 
 Starts ``python -m service`` on a temporary SQLite file and creates layer-wise runs (one
 schedule shape, a base rate per group) at 1 and 256 groups. Then, in the same run:
@@ -85,7 +85,7 @@ def refresh_ms(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=21)
     ap.add_argument("--steps", type=int, default=20_000)
     ap.add_argument("--far", type=int, default=1_000_000)
     args = ap.parse_args()
