@@ -495,3 +495,39 @@ def test_screenshots_for_the_docs(server: ServerProcess, page: Page, tmp_path: P
     page.screenshot(path=str(docs / "dashboard-compare-1400.png"), full_page=True)
     for name, width in (("run-1400", 1400), ("run-800", 800), ("compare-1400", 1400)):
         assert _png_width(docs / f"dashboard-{name}.png") == width, name
+
+
+def test_a_run_whose_rates_cannot_be_drawn_still_shows_the_rest(
+    server: ServerProcess, page: Page
+) -> None:
+    """A run whose rates over its horizon the server refuses to compute in one request (a
+    ChainedScheduler that scans, 32 groups, 10^6 steps, never served): the charts say why,
+    and the metrics, state, events and steering are shown; zoomed into a short span, the
+    rates are drawn."""
+    run = "scan-chain-32"
+    chain = [
+        {"type": "ExponentialLR", "gamma": 0.999999},
+        {"type": "CosineAnnealingLR", "T_max": 2000, "eta_min": 1e-5},
+    ]
+    spec = {
+        "groups": [{"name": f"layer{i}", "lr": 1e-3 * 0.97**i} for i in range(32)],
+        "schedule": {"type": "ChainedScheduler", "schedulers": chain},
+        "metadata": {"total_steps": 1_000_000},
+    }
+    with server.client() as c:
+        assert c.put(f"/v1/runs/{run}", json=spec).status_code == 201
+        for step in (0, 100, 200):
+            body = {"step": step, "values": {"loss": 1.0 / (1 + step)}}
+            assert c.post(f"/v1/runs/{run}/metrics", json=body).status_code == 200
+        refused = c.get(f"/v1/runs/{run}/curve", params={"start": 0, "stop": 1_000_000})
+        assert refused.status_code == 422, refused.text
+    page.goto(f"{server.url}/#{run}")
+    notice = page.locator("#curve-error")
+    notice.wait_for()
+    assert refused.json()["detail"][:40] in notice.inner_text()
+    wait_for_charts(page, "metric:loss")
+    for part in ("#state", "#events-table", "#steering"):
+        assert page.locator(part).count() == 1, part
+    page.evaluate("zoomTo(view, 0, 300)")
+    info = wait_for_charts(page, "rate:lr")
+    assert info["rate:lr"]
