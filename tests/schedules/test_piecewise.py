@@ -154,3 +154,37 @@ def test_unsorted_steps() -> None:
     assert sorted_mom is not None
     assert np.array_equal(curve.lr(t[perm], {}), sorted_lr[:, perm])
     assert np.array_equal(curve.momentum(t[perm], {}), sorted_mom[:, perm])
+
+
+def test_a_window_in_one_segment_is_never_an_array_a_child_keeps() -> None:
+    """Within one segment the piecewise composite hands out its child's own array (no copy)
+    unless that array is one the child keeps (read-only, as every cached array is): then a
+    copy, which the caller may write to. Either way the values are the child's."""
+    from service.schedules.base import Curve
+    from service.schedules.piecewise import Piecewise
+
+    kept = np.full((2, 50), 0.5)
+    kept.setflags(write=False)
+
+    class Kept(Curve):
+        n_groups = 2
+
+        def lr(self, t: Any, state: Any) -> Any:
+            return kept[:, : len(t)]
+
+    class Fresh(Curve):
+        n_groups = 2
+
+        def lr(self, t: Any, state: Any) -> Any:
+            return np.outer([1.0, 2.0], np.asarray(t, dtype=np.float64))
+
+    base = GroupBase(names=("a", "b"), lr=np.array([0.1, 0.2]), momentum=np.full(2, np.nan))
+    curve = Piecewise(base, [Kept(), Fresh()], [100])
+    early = curve.lr(np.arange(0, 50, dtype=np.float64), {})
+    assert early.flags.writeable and np.array_equal(early, kept)
+    early[:] = 7.0  # the caller's to change: the child's array is untouched
+    assert (kept == 0.5).all()
+    late = curve.lr(np.arange(100, 150, dtype=np.float64), {})
+    assert np.array_equal(late, np.outer([1.0, 2.0], np.arange(0, 50)))
+    mixed = curve.lr(np.arange(90, 110, dtype=np.float64), {})
+    assert np.array_equal(mixed[:, :10], kept[:, :10]) and mixed[0, 10] == 0.0
