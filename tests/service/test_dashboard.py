@@ -504,6 +504,33 @@ def test_a_run_whose_rates_cannot_be_drawn_still_shows_the_rest(
     ChainedScheduler that scans, 32 groups, 10^6 steps, never served): the charts say why,
     and the metrics, state, events and steering are shown; zoomed into a short span, the
     rates are drawn."""
+    run, refused = _scanning_run(server)
+    page.goto(f"{server.url}/#{run}")
+    notice = page.locator("#curve-error")
+    notice.wait_for()
+    assert refused.json()["detail"][:40] in notice.inner_text()
+    wait_for_charts(page, "metric:loss")
+    for part in ("#state", "#events-table", "#steering"):
+        assert page.locator(part).count() == 1, part
+    page.evaluate("zoomTo(view, 0, 300)")
+    info = wait_for_charts(page, "rate:lr")
+    assert info["rate:lr"]
+
+
+def test_compare_draws_the_rates_it_can(server: ServerProcess, page: Page) -> None:
+    """Compared with a run whose rates are refused over the span, a run's rates are drawn
+    and the other one is named with the reason; the metric chart holds both."""
+    run, refused = _scanning_run(server)
+    page.goto(f"{server.url}/#compare:{BASELINE},{run}")
+    info = wait_for_charts(page, "compare:lr", "compare:metric")
+    assert info["compare:lr"]["series"] == [f"{BASELINE} / {g}" for g in ("backbone", "head")]
+    notice = page.locator("#compare-curve-errors").inner_text()
+    assert run in notice and refused.json()["detail"][:40] in notice
+
+
+def _scanning_run(server: ServerProcess) -> tuple[str, httpx.Response]:
+    """A run whose rates over its horizon are over the work budget: a ChainedScheduler that
+    scans, 32 groups, 10^6 steps, never served (created once); and the curve's refusal."""
     run = "scan-chain-32"
     chain = [
         {"type": "ExponentialLR", "gamma": 0.999999},
@@ -515,19 +542,12 @@ def test_a_run_whose_rates_cannot_be_drawn_still_shows_the_rest(
         "metadata": {"total_steps": 1_000_000},
     }
     with server.client() as c:
-        assert c.put(f"/v1/runs/{run}", json=spec).status_code == 201
-        for step in (0, 100, 200):
-            body = {"step": step, "values": {"loss": 1.0 / (1 + step)}}
-            assert c.post(f"/v1/runs/{run}/metrics", json=body).status_code == 200
+        created = c.put(f"/v1/runs/{run}", json=spec)
+        assert created.status_code in (200, 201), created.text
+        if created.status_code == 201:
+            for step in (0, 100, 200):
+                body = {"step": step, "values": {"loss": 1.0 / (1 + step)}}
+                assert c.post(f"/v1/runs/{run}/metrics", json=body).status_code == 200
         refused = c.get(f"/v1/runs/{run}/curve", params={"start": 0, "stop": 1_000_000})
         assert refused.status_code == 422, refused.text
-    page.goto(f"{server.url}/#{run}")
-    notice = page.locator("#curve-error")
-    notice.wait_for()
-    assert refused.json()["detail"][:40] in notice.inner_text()
-    wait_for_charts(page, "metric:loss")
-    for part in ("#state", "#events-table", "#steering"):
-        assert page.locator(part).count() == 1, part
-    page.evaluate("zoomTo(view, 0, 300)")
-    info = wait_for_charts(page, "rate:lr")
-    assert info["rate:lr"]
+    return run, refused
