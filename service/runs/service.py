@@ -822,11 +822,10 @@ class Runs:
     ) -> int:
         """:func:`check_work` for a request of ``run``: priced cold (arithmetic, inline);
         when that is over the budget, from the scan checkpoints it would resume from."""
-        try:
-            return check_work(run.schedule, start, count, self.max_work, what, window=window)
-        except WorkLimitExceeded:
-            if not run.schedule.recursive:
-                raise
+        schedule = run.schedule
+        if not schedule.recursive or schedule.work(start, count) <= self.max_work:
+            return check_work(schedule, start, count, self.max_work, what, window=window)
+        # (Not the cold refusal first: its largest-count search would be thrown away.)
         priced = partial(
             check_work,
             run.schedule,

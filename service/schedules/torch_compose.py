@@ -217,11 +217,8 @@ class _SequentialCurve(Piecewise, Chainable):
                 n = min(end - start, MAX_SCAN)
                 if resume is not None:
                     first = max(resume.start - start, 0)
-                    if resume.state is None:
-                        block = _walk_block(first // self._block)
-                    else:
-                        found = self._checkpoint(k, first, _Signature(self, resume.state))
-                        block = 0 if found is None else found[0]
+                    find = partial(self._checkpoint, k, first)
+                    block = _resumed_block(self, resume, first // self._block, find)
                     n = max(n - block * self._block, 0)
                 steps, held = steps + n, max(held, min(n, self._chunk))
         return steps, held
@@ -325,11 +322,7 @@ class _ChainedCurve(Chainable):
             if resume is not None and resume.start > self.horizon:
                 # The scan starts at the checkpoint of the window's first step (lr, _start).
                 want = (resume.start - self.horizon) // self._block
-                if resume.state is None:
-                    block = _walk_block(want)
-                else:
-                    found = self._checkpoint(want, _Signature(self, resume.state))
-                    block = 0 if found is None else found[0]
+                block = _resumed_block(self, resume, want, partial(self._checkpoint, want))
                 n = max(n - block * self._block, 0)
             steps, held = steps + n, max(held, min(n, self._chunk))
         return steps, held
@@ -510,11 +503,21 @@ def _resume(
     return best
 
 
-def _walk_block(want: int) -> int:
-    """The block a trainer walking forward resumes from when it needs block ``want``: the
-    memo keeps every block edge a scan passes, and a backing is read when the memo's latest
-    is more than ``_LOAD_GAP`` blocks back, so the scan starts at most that far back."""
-    return max(want - _LOAD_GAP, 0)
+def _resumed_block(
+    curve: _ChainedCurve | _SequentialCurve,
+    resume: ScanResume,
+    want: int,
+    find: Callable[[_Signature], tuple[int, Matrix] | None],
+) -> int:
+    """The block a scan that needs block ``want`` is priced from (``scanned`` with
+    ``resume``): the checkpoint ``find`` finds for the state, else block 0; without a state,
+    where a trainer walking forward resumes: the memo keeps every block edge a scan passes,
+    and a backing is read when the memo's latest is more than ``_LOAD_GAP`` blocks back, so
+    the scan starts at most that far back."""
+    if resume.state is None:
+        return max(want - _LOAD_GAP, 0)
+    found = find(_Signature(curve, resume.state))
+    return 0 if found is None else found[0]
 
 
 def _keep(token: int, name: str | None, block: int, signature: bytes, x: Matrix) -> None:
